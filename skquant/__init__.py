@@ -1,5 +1,16 @@
-"""skquant: supervised deep quantization for fast, compact similarity search."""
+"""skquant: supervised deep quantization for fast, compact similarity search.
+
+Estimators follow the scikit-learn API (``fit``/``transform``/``kneighbors``)
+and search by asymmetric quantizer distance over compact codes.
+"""
+
+from ._base import BaseQuantizer
+from ._pq import ProductQuantizer
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "BaseQuantizer",
+    "ProductQuantizer",
+    "__version__",
+]

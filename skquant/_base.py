@@ -1,0 +1,434 @@
+"""BaseQuantizer: what every skquant estimator shares.
+
+Validation, the searchable index (codes of the database and their labels),
+``transform``/``encode``/``decode``, ``kneighbors`` with exactly the semantics
+of :class:`sklearn.neighbors.NearestNeighbors`, and ``score`` (retrieval mAP).
+Subclasses only learn a model: see the hooks documented on :class:`BaseQuantizer`.
+"""
+
+import numbers
+from numbers import Integral
+
+import numpy as np
+from sklearn import get_config
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    _fit_context,
+)
+from sklearn.neighbors._base import KNeighborsMixin
+from sklearn.utils import gen_batches
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.multiclass import type_of_target
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ._search import aqd_search, euclidean_tables, inner_product_tables
+
+
+def _check_labels(y, n_samples):
+    """Validate retrieval labels: 1-D class labels or a 2-D 0/1 indicator.
+
+    Returns a new array (the caller's ``y`` is never kept or modified).
+    """
+    y = np.array(y, copy=True)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.ravel()
+    if y.shape[0] != n_samples:
+        raise ValueError(
+            f"y has {y.shape[0]} samples but X has {n_samples}: they must match."
+        )
+    if y.ndim == 2:
+        if type_of_target(y) != "multilabel-indicator":
+            raise ValueError(
+                "A 2-D y must be a multi-label indicator matrix of 0/1 values "
+                f"(got type {type_of_target(y)!r})."
+            )
+        y = y.astype(np.int8)
+    elif y.ndim != 1:
+        raise ValueError(f"y must be 1-D labels or a 2-D indicator, got shape {y.shape}.")
+    return y
+
+
+class BaseQuantizer(
+    ClassNamePrefixFeaturesOutMixin, KNeighborsMixin, TransformerMixin, BaseEstimator
+):
+    """Base class of skquant's quantizers: learn, index, search.
+
+    Subclass hooks
+    --------------
+    ``_codebook_layout`` : {"product", "additive"}
+        Block codebooks ``(M, K, D / M)`` whose codewords are concatenated, or
+        full-dimensional codebooks ``(M, K, D)`` whose codewords are summed.
+    ``_metric`` : {"euclidean", "inner_product"}
+        What the lookup tables approximate; ``kneighbors`` reports the
+        Euclidean AQD, or ``1 - <z_q, x̂>``.
+    ``_fit(X, y)``
+        Learn the model from validated ``X`` and labels (``None``, 1-D, or a
+        2-D indicator); set ``codebooks_`` and optionally ``rotation_``.
+    ``_embed(X)``
+        Validated ``X`` -> float32 embedding ``(n, D)``.
+    ``_encode_embedding``, ``_decode_codes``, ``_lookup_tables``
+        Have defaults for product codebooks; additive quantizers override them.
+    """
+
+    _codebook_layout = "product"
+    _metric = "euclidean"
+
+    _parameter_constraints = {
+        "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "n_jobs": [Integral, None],
+    }
+
+    # ------------------------------------------------------------------ fit/index
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Learn the quantizer on ``X`` (and ``y``), then index ``X`` for search.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training data, also the searchable database.
+        y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
+            Class labels, or a 0/1 indicator matrix for multi-label data (two
+            items are similar when they share a label). Required by the deep
+            (supervised) estimators; kept as the database labels for
+            :meth:`score`.
+
+        Returns
+        -------
+        self : object
+            Fitted estimator.
+        """
+        X, y = self._validate_input(X, y, reset=True)
+        self._fit(X, y)
+        self._set_index(self._encode_rows(X), y)
+        return self
+
+    def index(self, X, y=None):
+        """Replace the searchable database with the codes of ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Items to index.
+        y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
+            Their labels, used by :meth:`score`.
+
+        Returns
+        -------
+        self : object
+            The estimator, with ``codes_`` and ``n_samples_fit_`` replaced.
+        """
+        check_is_fitted(self)
+        X, y = self._validate_input(X, y, reset=False)
+        self._set_index(self._encode_rows(X), y)
+        return self
+
+    def add(self, X, y=None):
+        """Append the codes of ``X`` to the searchable database.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Items to append; their indices follow the existing ones.
+        y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
+            Their labels; required when the index holds labels, and refused
+            when it holds none.
+
+        Returns
+        -------
+        self : object
+            The estimator, with the new items indexed.
+        """
+        check_is_fitted(self)
+        X, y = self._validate_input(X, y, reset=False)
+        has_labels = self.database_labels_ is not None
+        if has_labels != (y is not None):
+            raise ValueError(
+                "The index holds labels, so add() needs y as well."
+                if has_labels
+                else "The index was built without labels, so add() cannot take y; "
+                "rebuild it with index(X, y)."
+            )
+        codes = np.concatenate([self.codes_, self._encode_rows(X)])
+        if has_labels:
+            if y.ndim != self.database_labels_.ndim or (
+                y.ndim == 2 and y.shape[1] != self.database_labels_.shape[1]
+            ):
+                raise ValueError(
+                    f"y of shape {y.shape} does not match the indexed labels of "
+                    f"shape {self.database_labels_.shape}."
+                )
+            y = np.concatenate([self.database_labels_, y])
+        self._set_index(codes, y)
+        return self
+
+    def _validate_input(self, X, y, *, reset):
+        tags = self.__sklearn_tags__()
+        if y is None:
+            X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
+            if reset and tags.target_tags.required:  # pragma: no cover - validate_data raises
+                raise ValueError(f"{type(self).__name__} requires y.")
+            return X, None
+        X = validate_data(
+            self, X, reset=reset, dtype=[np.float64, np.float32], ensure_min_samples=1
+        )
+        return X, _check_labels(y, X.shape[0])
+
+    def _set_index(self, codes, y):
+        # Fortran order: each sub-space's codes are contiguous, which is the
+        # layout the search engine scans (codes_.T is then a free view).
+        self.codes_ = np.asfortranarray(codes)
+        self.database_labels_ = y
+        self.n_samples_fit_ = codes.shape[0]
+
+    # ------------------------------------------------------------------ codes
+    def transform(self, X):
+        """Embed ``X`` in the space where it is quantized.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Input data.
+
+        Returns
+        -------
+        Z : ndarray of shape (n_samples, embedding_dim), float32
+            The learned embedding (the input itself for :class:`ProductQuantizer`).
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return np.asarray(self._embed(X), dtype=np.float32)
+
+    def encode(self, X):
+        """Quantize ``X``: one codeword index per codebook.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Input data.
+
+        Returns
+        -------
+        codes : ndarray of shape (n_samples, n_codebooks)
+            uint8 when ``n_codewords <= 256``, else uint16.
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return self._encode_rows(X)
+
+    def decode(self, codes):
+        """Reconstruct vectors in embedding space from their codes.
+
+        Parameters
+        ----------
+        codes : array-like of shape (n_samples, n_codebooks), integer
+            Codes, e.g. from :meth:`encode` or ``codes_``.
+
+        Returns
+        -------
+        X_hat : ndarray of shape (n_samples, embedding_dim), float32
+            Reconstructions (rotated back for OPQ).
+        """
+        check_is_fitted(self)
+        codes = np.asarray(codes)
+        n_codebooks, n_codewords, _ = self.codebooks_.shape
+        if codes.ndim != 2 or codes.shape[1] != n_codebooks:
+            raise ValueError(
+                f"codes must have shape (n_samples, {n_codebooks}); got {codes.shape}."
+            )
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"codes must be integers; got dtype {codes.dtype}.")
+        if codes.size and (codes.min() < 0 or codes.max() >= n_codewords):
+            raise ValueError(
+                f"codes must lie in [0, {n_codewords - 1}] (n_codewords={n_codewords}); "
+                f"got values in [{codes.min()}, {codes.max()}]."
+            )
+        return self._decode_codes(codes)
+
+    def _encode_rows(self, X):
+        """Embed and encode ``X`` in row batches, so memory stays bounded."""
+        n_codebooks, n_codewords, _ = self.codebooks_.shape
+        codes = np.empty(
+            (X.shape[0], n_codebooks), dtype=np.uint8 if n_codewords <= 256 else np.uint16
+        )
+        row_bytes = 8 * (X.shape[1] + self._n_features_out + n_codewords)
+        for batch in gen_batches(X.shape[0], _rows_per_chunk(row_bytes)):
+            codes[batch] = self._encode_embedding(self._embed(X[batch]))
+        return codes
+
+    # Default hooks, for product (block) codebooks.
+    def _rotate(self, Z):
+        rotation = getattr(self, "rotation_", None)
+        return Z if rotation is None else Z @ rotation
+
+    def _encode_embedding(self, Z):
+        from ._pq import encode_product
+
+        return encode_product(self._rotate(Z), self.codebooks_)
+
+    def _decode_codes(self, codes):
+        if self._codebook_layout == "additive":
+            decoded = np.zeros((len(codes), self.codebooks_.shape[2]), dtype=np.float32)
+            for m in range(self.codebooks_.shape[0]):
+                decoded += self.codebooks_[m][codes[:, m]]
+            return decoded
+        from ._pq import decode_product
+
+        decoded = decode_product(codes, self.codebooks_)
+        rotation = getattr(self, "rotation_", None)
+        return decoded if rotation is None else decoded @ rotation.T
+
+    def _lookup_tables(self, Z):
+        Z = self._rotate(Z)
+        if self._metric == "euclidean":
+            if self._codebook_layout != "product":
+                raise NotImplementedError(
+                    "Euclidean tables need per-item norms for additive codebooks."
+                )
+            return euclidean_tables(Z, self.codebooks_)
+        return inner_product_tables(Z, self.codebooks_, layout=self._codebook_layout)
+
+    def _tables_to_distances(self, values):
+        values = values.astype(np.float64)
+        if self._metric == "euclidean":
+            return np.sqrt(np.maximum(values, 0.0))
+        # tables hold -<z, c>: 1 + sum = 1 - <z_q, x̂>; clipped at 0 so that graph
+        # consumers always see non-negative distances (order is unchanged).
+        return np.maximum(1.0 + values, 0.0)
+
+    @property
+    def _n_features_out(self):
+        n_codebooks, _, dim = self.codebooks_.shape
+        return dim * n_codebooks if self._codebook_layout == "product" else dim
+
+    # ------------------------------------------------------------------ search
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+        """Find the nearest indexed items of each query by AQD.
+
+        Same contract as :meth:`sklearn.neighbors.NearestNeighbors.kneighbors`:
+        rows sorted by increasing distance, equal distances ordered by lower
+        index, and ``X=None`` returns each indexed item's neighbors without
+        itself. As only codes are stored, ``X=None`` queries with the items'
+        reconstructions.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            Query points; ``None`` queries the indexed items.
+        n_neighbors : int, default=None
+            Number of neighbors per query; the constructor's value by default.
+        return_distance : bool, default=True
+            Whether to return the distances.
+
+        Returns
+        -------
+        neigh_dist : ndarray of shape (n_queries, n_neighbors)
+            Euclidean AQD (square root of the summed squared sub-space
+            distances), or ``1 - <z_q, x̂>`` for inner-product quantizers.
+            Only present if ``return_distance=True``.
+        neigh_ind : ndarray of shape (n_queries, n_neighbors)
+            Indices of the nearest indexed items.
+        """
+        check_is_fitted(self)
+        if n_neighbors is None:
+            n_neighbors = self.n_neighbors
+        elif n_neighbors <= 0:
+            raise ValueError("Expected n_neighbors > 0. Got %d" % n_neighbors)
+        elif not isinstance(n_neighbors, numbers.Integral):
+            raise TypeError(
+                "n_neighbors does not take %s value, enter integer value"
+                % type(n_neighbors)
+            )
+
+        query_is_train = X is None
+        if query_is_train:
+            n_queries = self.n_samples_fit_
+            # Include an extra neighbor to account for the sample itself being
+            # returned, which is removed later.
+            n_neighbors += 1
+        else:
+            X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+            n_queries = X.shape[0]
+
+        n_samples_fit = self.n_samples_fit_
+        if n_neighbors > n_samples_fit:
+            if query_is_train:
+                n_neighbors -= 1
+                inequality_str = "n_neighbors < n_samples_fit"
+            else:
+                inequality_str = "n_neighbors <= n_samples_fit"
+            raise ValueError(
+                f"Expected {inequality_str}, but "
+                f"n_neighbors = {n_neighbors}, n_samples_fit = {n_samples_fit}, "
+                f"n_samples = {n_queries}"
+            )
+
+        n_codebooks, n_codewords, _ = self.codebooks_.shape
+        # A chunk of queries holds its float32 tables, embeddings and results.
+        row_bytes = 4 * n_codebooks * n_codewords + 8 * self._n_features_out
+        row_bytes += 16 * n_neighbors
+        neigh_dist = np.empty((n_queries, n_neighbors), dtype=np.float64)
+        neigh_ind = np.empty((n_queries, n_neighbors), dtype=np.intp)
+        for batch in gen_batches(n_queries, _rows_per_chunk(row_bytes)):
+            if query_is_train:
+                Z = self._decode_codes(self.codes_[batch])
+            else:
+                Z = self._embed(X[batch])
+            values, indices = aqd_search(
+                self._lookup_tables(Z), self.codes_, n_neighbors, n_jobs=self.n_jobs
+            )
+            neigh_dist[batch] = self._tables_to_distances(values)
+            neigh_ind[batch] = indices
+
+        if query_is_train:
+            # Remove each item from its own list by index (not by distance: the
+            # AQD of an item to itself is its quantization error). Corner case:
+            # when duplicates push the item out of its k+1 list, drop the first
+            # column instead, as scikit-learn does.
+            sample_mask = neigh_ind != np.arange(n_queries)[:, None]
+            sample_mask[:, 0][np.all(sample_mask, axis=1)] = False
+            neigh_ind = neigh_ind[sample_mask].reshape(n_queries, n_neighbors - 1)
+            neigh_dist = neigh_dist[sample_mask].reshape(n_queries, n_neighbors - 1)
+
+        if return_distance:
+            return neigh_dist, neigh_ind
+        return neigh_ind
+
+    def score(self, X, y):
+        """Mean average precision of ``X`` as queries against the indexed database.
+
+        Relevance: a database item is relevant to a query when they share a label
+        (``database_labels_``). The whole database is ranked (mAP@all); queries
+        with no relevant item count as 0. Greater is better, so
+        :class:`~sklearn.model_selection.GridSearchCV` tunes with it directly.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+            Queries.
+        y : array-like of shape (n_queries,) or (n_queries, n_labels)
+            Their labels.
+
+        Returns
+        -------
+        score : float
+            mAP over the queries.
+        """
+        from .metrics._scorer import _score_estimator
+
+        check_is_fitted(self)
+        return _score_estimator(self, X, y, metric="map")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # transform returns float32 embeddings, whatever the input dtype.
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
+
+
+def _rows_per_chunk(row_bytes):
+    """Rows that fit in ``working_memory`` (at least 1)."""
+    working_memory = get_config()["working_memory"]
+    return max(1, int(working_memory * 2**20) // max(1, int(row_bytes)))
