@@ -1,0 +1,822 @@
+"""Shared torch machinery of the deep quantizers.
+
+Device resolution, seeding, the default MLP backbone and the embedding
+network, input standardisation, mini-batch iteration, batched eval-mode
+embedding and a generic epoch loop with sklearn-style verbose output and
+robust failure handling. Estimators (``_dqn.py``, ``_dsq.py``) only add their
+losses and their codebook steps on top.
+
+Design choices (why):
+
+- ``random_state`` is turned into one integer seed (:func:`torch_seed`); a
+  local :class:`torch.Generator` drives batch order and the whole fit runs
+  inside :func:`torch_rng_context`, which seeds torch's global stream for
+  weight initialisation and dropout and *restores* the caller's global state
+  afterwards. CPU fits are bit-reproducible for a fixed ``random_state``
+  (same machine, same number of threads). GPU kernels may still be
+  non-deterministic; that is documented, not hidden.
+- Input standardisation lives inside the network (:class:`Standardize`,
+  fixed buffers computed from the training data), so that raw pixels or
+  unscaled tabular data work with the defaults and the fitted ``module_`` is
+  self-contained.
+- After fit the network is kept on the CPU (pickle-safe, loads on a CPU-only
+  machine) and moved to the device only for work (:func:`embed`).
+"""
+
+import copy
+import math
+import time
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from sklearn.utils import check_random_state
+from torch import nn
+
+__all__ = [
+    "EmbeddingNetwork",
+    "L2Normalize",
+    "Standardize",
+    "build_embedding_network",
+    "build_mlp",
+    "check_input_shape",
+    "embed",
+    "inference_device",
+    "iter_minibatches",
+    "make_generator",
+    "make_optimizer",
+    "prepare_labels",
+    "resolve_device",
+    "torch_rng_context",
+    "torch_seed",
+    "train_epochs",
+]
+
+
+# --------------------------------------------------------------------------- #
+# Devices and seeding
+# --------------------------------------------------------------------------- #
+def resolve_device(device):
+    """Resolve a ``device`` parameter into a :class:`torch.device`.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda"} or str like "cuda:1", or torch.device
+        ``"auto"`` picks the first CUDA device when one is available, the CPU
+        otherwise.
+
+    Returns
+    -------
+    device : torch.device
+
+    Raises
+    ------
+    ValueError
+        If a CUDA device is requested but CUDA is not available, or the
+        device index does not exist, or the string is not a device.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device={device!r} is not a valid device; use 'auto', 'cpu', "
+            "'cuda' or 'cuda:N'."
+        ) from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} was requested but CUDA is not available "
+                "(torch was built without CUDA or no GPU is visible); use "
+                "device='cpu' or device='auto'."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r} does not exist: only "
+                f"{torch.cuda.device_count()} CUDA device(s) are visible."
+            )
+    elif dev.type not in ("cpu", "mps"):
+        raise ValueError(f"device={device!r} is not supported; use 'cpu' or 'cuda'.")
+    return dev
+
+
+def inference_device(device):
+    """Device to run a fitted network on, falling back to the CPU.
+
+    A model fitted on a GPU and unpickled on a CPU-only machine keeps
+    ``device_ = cuda``; searching must still work, so this returns the CPU
+    with a warning in that case.
+
+    Parameters
+    ----------
+    device : torch.device or str
+        The fitted ``device_``.
+
+    Returns
+    -------
+    device : torch.device
+
+    Examples
+    --------
+    >>> inference_device("cpu")
+    device(type='cpu')
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(
+            f"The model was fitted on {dev} but CUDA is not available here; "
+            "computing embeddings on the CPU.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return torch.device("cpu")
+    if (
+        dev.type == "cuda"
+        and dev.index is not None
+        and dev.index >= torch.cuda.device_count()
+    ):
+        return torch.device("cuda")
+    return dev
+
+
+def torch_seed(random_state):
+    """Derive one integer torch seed from a ``random_state``.
+
+    Parameters
+    ----------
+    random_state : int, RandomState instance or None
+        Passed through :func:`sklearn.utils.check_random_state`; an int gives
+        the same seed on every call, a ``RandomState`` is advanced by one draw.
+
+    Returns
+    -------
+    seed : int in [0, 2**31 - 1)
+
+    Examples
+    --------
+    >>> torch_seed(0) == torch_seed(0)
+    True
+    """
+    rng = check_random_state(random_state)
+    return int(rng.randint(np.iinfo(np.int32).max))
+
+
+def make_generator(seed):
+    """A CPU :class:`torch.Generator` seeded with ``seed`` (batch order).
+
+    Examples
+    --------
+    >>> g = make_generator(0)
+    >>> torch.randperm(3, generator=g).tolist() == torch.randperm(
+    ...     3, generator=make_generator(0)).tolist()
+    True
+    """
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed))
+    return gen
+
+
+@contextmanager
+def torch_rng_context(seed, device=None):
+    """Seed torch's global RNG for a block, then restore the caller's state.
+
+    Weight initialisation and dropout draw from torch's global stream (their
+    API has no generator argument); forking it keeps fits reproducible
+    without changing the random numbers the caller sees afterwards. Not
+    thread-safe: two fits in threads of one process share the global stream
+    (use processes, e.g. joblib's default loky backend, for parallel fits).
+
+    Parameters
+    ----------
+    seed : int
+    device : torch.device, default=None
+        When a CUDA device, its RNG is forked and seeded too.
+
+    Examples
+    --------
+    >>> with torch_rng_context(0):
+    ...     a = torch.rand(2)
+    >>> with torch_rng_context(0):
+    ...     b = torch.rand(2)
+    >>> bool(torch.equal(a, b))
+    True
+    """
+    devices = []
+    if device is not None and torch.device(device).type == "cuda":
+        dev = torch.device(device)
+        devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
+
+
+# --------------------------------------------------------------------------- #
+# Networks
+# --------------------------------------------------------------------------- #
+class Standardize(nn.Module):
+    """Fixed affine input standardisation ``(x - mean) / scale``.
+
+    The statistics are buffers (saved in ``state_dict``, moved with the
+    module, never trained).
+
+    Parameters
+    ----------
+    mean, scale : torch.Tensor
+        Broadcastable to the flat input ``(n, n_features)``.
+    """
+
+    def __init__(self, mean, scale):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+
+    def forward(self, x):
+        return (x - self.mean) / self.scale
+
+
+class L2Normalize(nn.Module):
+    """Project each row onto the unit sphere (``eps`` avoids 0 / 0)."""
+
+    def __init__(self, eps=1e-12):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return nn.functional.normalize(x, p=2.0, dim=1, eps=self.eps)
+
+
+_OUTPUTS = ("tanh", "identity", "l2")
+
+
+class EmbeddingNetwork(nn.Module):
+    """Standardise -> reshape -> backbone -> flatten -> linear head -> output.
+
+    Parameters
+    ----------
+    backbone : nn.Module
+        Any module; its output is flattened to ``(n, -1)``.
+    head : nn.Linear
+        Maps the flattened backbone output to the embedding.
+    standardize : nn.Module or None
+        Applied to the flat 2-D input first.
+    input_shape : tuple of int or None
+        Each row is reshaped to ``input_shape`` before the backbone.
+    output : {"tanh", "identity", "l2"}
+        Output activation: ``"tanh"`` (DQN's fcb layer), ``"identity"``, or
+        ``"l2"`` (identity then L2-normalisation, DSQ).
+    """
+
+    def __init__(self, backbone, head, *, standardize=None, input_shape=None,
+                 output="tanh"):
+        super().__init__()
+        if output not in _OUTPUTS:
+            raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
+        self.standardize = standardize if standardize is not None else nn.Identity()
+        self.input_shape = None if input_shape is None else tuple(input_shape)
+        self.backbone = backbone
+        self.head = head
+        self.output = {
+            "tanh": nn.Tanh(), "identity": nn.Identity(), "l2": L2Normalize()
+        }[output]
+
+    def features(self, x):
+        """Flattened backbone output (before the head)."""
+        x = self.standardize(x)
+        if self.input_shape is not None:
+            x = x.reshape(x.shape[0], *self.input_shape)
+        return torch.flatten(self.backbone(x), start_dim=1)
+
+    def forward(self, x):
+        return self.output(self.head(self.features(x)))
+
+
+def build_mlp(n_features, hidden_layer_sizes=(256,), dropout=0.0):
+    """Default backbone: ``[Linear -> ReLU -> Dropout] * len(hidden_layer_sizes)``.
+
+    Parameters
+    ----------
+    n_features : int
+    hidden_layer_sizes : tuple of int, default=(256,)
+        An empty tuple gives a flatten-only backbone (linear embedding).
+    dropout : float, default=0.0
+        Dropout probability after each hidden layer (omitted when 0).
+
+    Returns
+    -------
+    backbone : nn.Sequential
+        Starts with ``nn.Flatten`` so that it also accepts reshaped input.
+
+    Examples
+    --------
+    >>> build_mlp(8, (16,), dropout=0.5)
+    Sequential(
+      (0): Flatten(start_dim=1, end_dim=-1)
+      (1): Linear(in_features=8, out_features=16, bias=True)
+      (2): ReLU()
+      (3): Dropout(p=0.5, inplace=False)
+    )
+    """
+    layers = [nn.Flatten()]
+    n_in = int(n_features)
+    for width in hidden_layer_sizes:
+        layers.append(nn.Linear(n_in, int(width)))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(float(dropout)))
+        n_in = int(width)
+    return nn.Sequential(*layers)
+
+
+def check_input_shape(input_shape, n_features):
+    """Validate ``input_shape`` against the number of features.
+
+    Returns the shape as a tuple of ints, or None.
+
+    Raises
+    ------
+    ValueError
+        When the product of ``input_shape`` differs from ``n_features``.
+
+    Examples
+    --------
+    >>> check_input_shape((1, 8, 8), 64)
+    (1, 8, 8)
+    """
+    if input_shape is None:
+        return None
+    shape = tuple(int(s) for s in input_shape)
+    if any(s <= 0 for s in shape):
+        raise ValueError(f"input_shape must hold positive ints, got {input_shape!r}")
+    if math.prod(shape) != n_features:
+        raise ValueError(
+            f"input_shape={shape} holds {math.prod(shape)} values per sample but X "
+            f"has {n_features} features; each row of X is reshaped to input_shape, "
+            "so the product of input_shape must equal n_features."
+        )
+    return shape
+
+
+def _standardization_stats(X, input_shape=None):
+    """Mean and scale for :class:`Standardize` from training data.
+
+    Without ``input_shape``: per feature, like ``StandardScaler`` (constant
+    features keep scale 1). With ``input_shape`` (images): per channel (the
+    first axis of ``input_shape``), like the usual image normalisation, so
+    that one rare non-zero pixel cannot be blown up by a tiny std.
+    """
+    X = np.asarray(X)
+    if input_shape is None:
+        mean = X.mean(axis=0, dtype=np.float64)
+        std = X.std(axis=0, dtype=np.float64)
+    else:
+        n_channels = input_shape[0]
+        Xc = X.reshape(X.shape[0], n_channels, -1)
+        mean_c = Xc.mean(axis=(0, 2), dtype=np.float64)
+        std_c = Xc.std(axis=(0, 2), dtype=np.float64)
+        per = Xc.shape[2]
+        mean = np.repeat(mean_c, per)
+        std = np.repeat(std_c, per)
+    # Same rule as sklearn's _handle_zeros_in_scale: near-constant -> 1.
+    tiny = 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)
+    std = np.where(std < tiny, 1.0, std)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def build_embedding_network(
+    X,
+    *,
+    embedding_dim,
+    backbone=None,
+    hidden_layer_sizes=(256,),
+    dropout=0.0,
+    input_shape=None,
+    output="tanh",
+    standardize=True,
+):
+    """Build the embedding network for training data ``X``.
+
+    Call it inside :func:`torch_rng_context` so that initialisation is
+    seeded.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+        Training data, used for the standardisation statistics and to infer
+        the backbone's output size (one eval-mode forward pass on 2 rows).
+    embedding_dim : int
+    backbone : nn.Module or None
+        ``None`` builds :func:`build_mlp`. A user module is deep-copied (the
+        estimator parameter is never modified).
+    hidden_layer_sizes, dropout
+        Used when ``backbone`` is None.
+    input_shape : tuple of int or None
+        Reshape each row before the backbone; validated with
+        :func:`check_input_shape`.
+    output : {"tanh", "identity", "l2"}
+    standardize : bool, default=True
+        Put a :class:`Standardize` layer first.
+
+    Returns
+    -------
+    network : EmbeddingNetwork (on the CPU, in train mode)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> net = build_embedding_network(np.ones((4, 3)), embedding_dim=2,
+    ...                               hidden_layer_sizes=(5,))
+    >>> net(torch.zeros(1, 3)).shape
+    torch.Size([1, 2])
+    """
+    n_features = X.shape[1]
+    input_shape = check_input_shape(input_shape, n_features)
+    if backbone is None:
+        body = build_mlp(n_features, hidden_layer_sizes, dropout)
+    else:
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(
+                f"backbone must be a torch.nn.Module or None, got {type(backbone)!r}"
+            )
+        body = copy.deepcopy(backbone).cpu()
+    std_layer = None
+    if standardize:
+        mean, scale = _standardization_stats(X, input_shape)
+        std_layer = Standardize(mean, scale)
+    network = EmbeddingNetwork(
+        body,
+        nn.Identity(),
+        standardize=std_layer,
+        input_shape=input_shape,
+        output=output,
+    )
+    # Infer the backbone's flattened output width with a dry run on real rows
+    # (eval mode: no dropout, no BatchNorm statistics update).
+    sample = torch.as_tensor(np.asarray(X[:2], dtype=np.float32))
+    was_training = body.training
+    body.eval()
+    try:
+        with torch.no_grad():
+            n_out = network.features(sample).shape[1]
+    except Exception as exc:
+        raise ValueError(
+            f"The backbone failed on a batch of input shape "
+            f"{tuple(sample.shape) if input_shape is None else (2, *input_shape)}: "
+            f"{exc}. Check input_shape and the backbone's expected input."
+        ) from exc
+    finally:
+        body.train(was_training)
+    network.head = nn.Linear(n_out, int(embedding_dim))
+    return network
+
+
+def make_optimizer(
+    network,
+    *,
+    learning_rate,
+    backbone_learning_rate=None,
+    weight_decay=0.0,
+    solver="adam",
+):
+    """Optimizer with a separate learning rate for the backbone.
+
+    Parameters
+    ----------
+    network : EmbeddingNetwork
+    learning_rate : float
+        Rate of the head (and of the backbone when ``backbone_learning_rate``
+        is None).
+    backbone_learning_rate : float or None
+        Rate of ``network.backbone``; a smaller value fine-tunes a pretrained
+        backbone gently, as the per-layer rates of DQN (new layer 10x).
+        ``0`` freezes the backbone.
+    weight_decay : float, default=0.0
+        L2 penalty on all trainable parameters.
+    solver : {"adam", "sgd"}
+        Adam, or SGD with momentum 0.9 (the papers' optimizer).
+
+    Returns
+    -------
+    optimizer : torch.optim.Optimizer
+    """
+    if backbone_learning_rate is None:
+        backbone_learning_rate = learning_rate
+    backbone_params = [p for p in network.backbone.parameters() if p.requires_grad]
+    backbone_ids = {id(p) for p in backbone_params}
+    other_params = [
+        p for p in network.parameters() if p.requires_grad and id(p) not in backbone_ids
+    ]
+    groups = [{"params": other_params, "lr": float(learning_rate)}]
+    if backbone_params and backbone_learning_rate > 0:
+        groups.append({"params": backbone_params, "lr": float(backbone_learning_rate)})
+    elif backbone_params:
+        for p in backbone_params:
+            p.requires_grad_(False)
+    if solver == "adam":
+        return torch.optim.Adam(groups, weight_decay=float(weight_decay))
+    if solver == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9, weight_decay=float(weight_decay))
+    raise ValueError(f"solver must be 'adam' or 'sgd', got {solver!r}")
+
+
+# --------------------------------------------------------------------------- #
+# Data
+# --------------------------------------------------------------------------- #
+def prepare_labels(y, *, estimator_name="estimator"):
+    """Turn validated ``y`` into a torch tensor for :func:`label_similarity`.
+
+    Parameters
+    ----------
+    y : ndarray of shape (n,) or (n, L)
+        1-D class labels of any type, or a 2-D 0/1 indicator matrix.
+
+    Returns
+    -------
+    labels : torch.Tensor
+        int64 of shape (n,) (label indices) or float32 of shape (n, L).
+
+    Raises
+    ------
+    ValueError
+        When ``y`` is None, or every pair of samples is similar (one class, or
+        one label shared by all rows): the pairwise losses would then have
+        nothing to learn.
+
+    Warns
+    -----
+    UserWarning
+        When no two samples are similar (every label is unique): training
+        only pushes samples apart.
+
+    Examples
+    --------
+    >>> prepare_labels(np.array(["a", "b", "a"]))
+    tensor([0, 1, 0])
+    """
+    if y is None:
+        raise ValueError(
+            f"{estimator_name} is supervised: fit requires y (class labels or a "
+            "multi-label indicator matrix)."
+        )
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.ravel()
+    if y.ndim == 1:
+        _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+        if counts.size < 2:
+            raise ValueError(
+                f"{estimator_name} needs at least 2 classes in y to learn a "
+                f"similarity; got 1 class."
+            )
+        if counts.max() < 2:
+            warnings.warn(
+                f"Every label in y is unique: no two samples are similar, so "
+                f"{estimator_name} can only push samples apart.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return torch.as_tensor(inverse.astype(np.int64))
+    if y.ndim == 2:
+        Y = (y != 0).astype(np.float32)
+        per_label = Y.sum(axis=0)
+        if np.any(per_label == Y.shape[0]):
+            raise ValueError(
+                f"{estimator_name} needs dissimilar pairs: one label of the "
+                "multi-label y is shared by every sample, so all pairs are similar."
+            )
+        if per_label.max(initial=0) < 2:
+            warnings.warn(
+                f"No label of y is shared by two samples: no pair is similar, so "
+                f"{estimator_name} can only push samples apart.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return torch.as_tensor(Y)
+    raise ValueError(f"y must be 1-D or 2-D, got {y.ndim} dimensions")
+
+
+def iter_minibatches(n_samples, batch_size, generator=None):
+    """Yield index tensors of mini-batches.
+
+    Parameters
+    ----------
+    n_samples : int
+    batch_size : int
+    generator : torch.Generator or None
+        Shuffles the order when given; sequential batches otherwise.
+
+    Yields
+    ------
+    idx : torch.LongTensor (on the CPU)
+        A final batch of a single sample is merged into the previous one:
+        pairwise losses and BatchNorm both need at least 2 samples.
+
+    Examples
+    --------
+    >>> [b.tolist() for b in iter_minibatches(5, 2)]
+    [[0, 1], [2, 3, 4]]
+    """
+    if generator is not None:
+        order = torch.randperm(n_samples, generator=generator)
+    else:
+        order = torch.arange(n_samples)
+    batch_size = max(int(batch_size), 1)
+    starts = list(range(0, n_samples, batch_size))
+    if len(starts) > 1 and n_samples - starts[-1] < 2:
+        starts.pop()
+    for i, start in enumerate(starts):
+        stop = starts[i + 1] if i + 1 < len(starts) else n_samples
+        yield order[start:stop]
+
+
+def embed(module, X, device, batch_size=256):
+    """Batched eval-mode forward pass, returned as float32 numpy.
+
+    The module is moved to ``device`` for the pass and back to the CPU
+    afterwards (fitted ``module_`` objects live on the CPU); its train/eval
+    mode is restored.
+
+    Parameters
+    ----------
+    module : nn.Module
+    X : array-like of shape (n_samples, n_features)
+    device : torch.device or str
+    batch_size : int, default=256
+
+    Returns
+    -------
+    Z : ndarray of shape (n_samples, embedding_dim), float32
+
+    Examples
+    --------
+    >>> net = torch.nn.Linear(3, 2)
+    >>> embed(net, np.zeros((5, 3)), "cpu", batch_size=2).shape
+    (5, 2)
+    """
+    device = torch.device(device)
+    X = np.asarray(X, dtype=np.float32)
+    was_training = module.training
+    original = next(module.parameters(), None)
+    original_device = original.device if original is not None else torch.device("cpu")
+    module.to(device)
+    module.eval()
+    chunks = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, X.shape[0], max(int(batch_size), 1)):
+                xb = torch.from_numpy(X[start : start + batch_size]).to(device)
+                out = module(xb)
+                chunks.append(out.to("cpu", torch.float32).numpy())
+    except torch.cuda.OutOfMemoryError as exc:
+        raise _oom_error(exc, batch_size) from exc
+    finally:
+        module.train(was_training)
+        module.to(original_device)
+    if not chunks:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
+
+
+def _oom_error(exc, batch_size):
+    return torch.cuda.OutOfMemoryError(
+        f"{exc}\nCUDA ran out of memory with batch_size={batch_size}; lower "
+        "batch_size (or use a smaller backbone / input size)."
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Training loop
+# --------------------------------------------------------------------------- #
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def train_epochs(
+    module,
+    optimizer,
+    n_samples,
+    batch_loss,
+    *,
+    max_epochs,
+    batch_size,
+    generator,
+    estimator_name="estimator",
+    verbose=0,
+    history=None,
+    on_epoch_begin=None,
+    first_epoch=0,
+):
+    """Generic mini-batch training loop with sklearn-style logging.
+
+    Parameters
+    ----------
+    module : nn.Module
+        Already on its training device; set to train mode here.
+    optimizer : torch.optim.Optimizer
+    n_samples : int
+    batch_loss : callable ``(idx) -> (loss, parts)``
+        ``idx`` is a CPU LongTensor of sample indices; ``loss`` a scalar
+        tensor to minimise and ``parts`` a dict of named float components
+        (e.g. ``{"similarity": 0.3, "quantization": 0.01}``) that are averaged
+        over the epoch (weighted by batch size) and logged.
+    max_epochs : int
+        Number of epochs to run.
+    batch_size : int
+    generator : torch.Generator
+        Batch order.
+    estimator_name : str
+        Prefix of the verbose lines, ``[EstimatorName]``.
+    verbose : int
+        > 0 prints one line per epoch.
+    history : list or None
+        Per-epoch records (dicts with ``epoch``, ``loss``, the parts and
+        ``time``) are appended to it.
+    on_epoch_begin : callable ``(epoch) -> dict or None``, optional
+        Called before each epoch (e.g. to refit codebooks); a returned dict is
+        merged into that epoch's record.
+    first_epoch : int, default=0
+        Number of the first epoch (for messages when called in phases).
+
+    Returns
+    -------
+    n_completed : int
+        Epochs completed. Less than ``max_epochs`` only when interrupted by
+        ``KeyboardInterrupt``: the weights of the last completed epoch are
+        restored and a warning is emitted, so the caller can finish fitting.
+
+    Raises
+    ------
+    FloatingPointError
+        When a loss becomes NaN or infinite (suggests a smaller
+        ``learning_rate``).
+    torch.cuda.OutOfMemoryError
+        Re-raised with a hint to lower ``batch_size``.
+    """
+    history = [] if history is None else history
+    last_good = _snapshot(module)
+    completed = 0
+    for e in range(max_epochs):
+        epoch = first_epoch + e
+        tic = time.perf_counter()
+        try:
+            extra = on_epoch_begin(epoch) if on_epoch_begin is not None else None
+            module.train()
+            total = 0.0
+            sums = {}
+            seen = 0
+            for idx in iter_minibatches(n_samples, batch_size, generator):
+                optimizer.zero_grad(set_to_none=True)
+                loss, parts = batch_loss(idx)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"{estimator_name}: the training loss became {value} at "
+                        f"epoch {epoch + 1}. The optimisation diverged; use a "
+                        "smaller learning_rate (and check X for extreme values)."
+                    )
+                loss.backward()
+                optimizer.step()
+                b = int(idx.shape[0])
+                total += value * b
+                for key, val in parts.items():
+                    sums[key] = sums.get(key, 0.0) + float(val) * b
+                seen += b
+        except KeyboardInterrupt:
+            module.load_state_dict(last_good)
+            warnings.warn(
+                f"{estimator_name}: training interrupted during epoch {epoch + 1}; "
+                f"keeping the model of the last completed epoch ({epoch}).",
+                UserWarning,
+                stacklevel=2,
+            )
+            break
+        except torch.cuda.OutOfMemoryError as exc:
+            raise _oom_error(exc, batch_size) from exc
+        record = {"epoch": epoch + 1, "loss": total / max(seen, 1)}
+        for key, val in sums.items():
+            record[key] = val / max(seen, 1)
+        if extra:
+            record.update(extra)
+        record["time"] = time.perf_counter() - tic
+        history.append(record)
+        completed += 1
+        last_good = _snapshot(module)
+        if verbose:
+            parts_txt = "".join(
+                f", {k} = {v:.6g}"
+                for k, v in record.items()
+                if k not in ("epoch", "loss", "time") and isinstance(v, float)
+            )
+            print(
+                f"[{estimator_name}] epoch {epoch + 1}, loss = {record['loss']:.6g}"
+                f"{parts_txt}, time = {record['time']:.2f}s",
+                flush=True,
+            )
+    return completed
+
