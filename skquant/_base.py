@@ -20,7 +20,6 @@ from sklearn.base import (
 from sklearn.neighbors._base import KNeighborsMixin
 from sklearn.utils import gen_batches
 from sklearn.utils._param_validation import Interval
-from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._search import aqd_search, euclidean_tables, inner_product_tables
@@ -39,10 +38,11 @@ def _check_labels(y, n_samples):
             f"y has {y.shape[0]} samples but X has {n_samples}: they must match."
         )
     if y.ndim == 2:
-        if type_of_target(y) != "multilabel-indicator":
+        # type_of_target would call a constant matrix of 3s "multilabel": check values.
+        if y.dtype.kind not in "biuf" or not np.isin(y, (0, 1)).all():
             raise ValueError(
-                "A 2-D y must be a multi-label indicator matrix of 0/1 values "
-                f"(got type {type_of_target(y)!r})."
+                "A 2-D y must be a multi-label indicator matrix of 0/1 values; got "
+                f"values {np.unique(y)[:5]}."
             )
         y = y.astype(np.int8)
     elif y.ndim != 1:
