@@ -39,7 +39,9 @@ def _as_label_array(y, name):
         y, ensure_2d=False, dtype=None, ensure_all_finite=False, input_name=name
     )
     if y.ndim == 2:
-        if y.dtype.kind not in "biuf" or not np.isin(y, (0, 1)).all():
+        if y.dtype.kind not in "biuf" or not (
+            y.dtype.kind == "b" or np.logical_or(y == 0, y == 1).all()
+        ):
             raise ValueError(
                 f"{name} is 2-D, so it must be a 0/1 label indicator matrix "
                 "(multi-label); pass 1-D class labels for single-label data."
@@ -227,7 +229,8 @@ def _count_relevant(yq, yd):
         return np.bincount(yd, minlength=n_codes)[yq]
     counts = np.zeros(yq.shape[0], dtype=np.int64)
     yq32 = yq.astype(np.float32)
-    row_bytes = yq.shape[0] * (4 + 1) + yd.shape[1] * 4
+    # float32 overlap, its bool mask and the reduction buffers per database item.
+    row_bytes = yq.shape[0] * (4 + 1 + 8) + yd.shape[1] * 4
     for sl in gen_batches(yd.shape[0], _chunk_n_rows(row_bytes, yd.shape[0])):
         # float32 matmul is exact here: overlaps are small integer counts.
         overlap = yq32 @ yd[sl].T.astype(np.float32)
