@@ -385,10 +385,13 @@ class BaseQuantizer(
         if query_is_train:
             # Remove each item from its own list by index (not by distance: the
             # AQD of an item to itself is its quantization error). Corner case:
-            # when duplicates push the item out of its k+1 list, drop the first
-            # column instead, as scikit-learn does.
+            # when ties with lower indices push the item out of its k+1 list, the
+            # first k entries are already its k nearest others, so drop the
+            # *last* column. (scikit-learn drops the first, assuming self sits
+            # at distance 0 in front; with stable ties that would skip a true
+            # neighbor.)
             sample_mask = neigh_ind != np.arange(n_queries)[:, None]
-            sample_mask[:, 0][np.all(sample_mask, axis=1)] = False
+            sample_mask[:, -1][np.all(sample_mask, axis=1)] = False
             neigh_ind = neigh_ind[sample_mask].reshape(n_queries, n_neighbors - 1)
             neigh_dist = neigh_dist[sample_mask].reshape(n_queries, n_neighbors - 1)
 

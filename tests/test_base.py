@@ -8,6 +8,7 @@ import pytest
 from sklearn import config_context
 from sklearn.datasets import load_digits
 from sklearn.exceptions import NotFittedError
+from sklearn.neighbors import NearestNeighbors
 
 from skquant import ProductQuantizer
 from skquant.metrics import mean_average_precision
@@ -56,13 +57,16 @@ def test_x_none_excludes_self_and_matches_reconstruction_queries(fitted):
 
 
 def test_duplicates_corner_case():
-    # Three identical items: item 2's k+1 list is [0, 1] (ties by lower index),
-    # which does not contain itself, so its first column is dropped.
+    # Three identical items. Item 2's k+1 list is [0, 1] (ties by lower index)
+    # and does not contain itself: its nearest other item is 0, as in sklearn.
     X = np.array([[0.0, 0.0]] * 3 + [[5.0, 5.0], [9.0, 1.0], [3.0, 7.0]])
-    pq = ProductQuantizer(n_subspaces=1, n_codewords=4, random_state=0).fit(X)
+    pq = ProductQuantizer(n_subspaces=1, n_codewords=6, random_state=0).fit(X)
     ind = pq.kneighbors(n_neighbors=1, return_distance=False)
-    assert ind.shape == (6, 1)
-    np.testing.assert_array_equal(ind[:3, 0], [1, 0, 1])
+    expected = NearestNeighbors(n_neighbors=1).fit(X).kneighbors(return_distance=False)
+    np.testing.assert_array_equal(ind, expected)
+    np.testing.assert_array_equal(ind[:3, 0], [1, 0, 0])
+    ind2 = pq.kneighbors(n_neighbors=2, return_distance=False)
+    np.testing.assert_array_equal(ind2[:3], [[1, 2], [0, 2], [0, 1]])
 
 
 def test_kneighbors_errors_match_sklearn(fitted, digits):
