@@ -16,13 +16,13 @@ from sklearn.metrics import average_precision_score
 from sklearn.model_selection import GridSearchCV
 
 from skquant.metrics import (
+    _ranking,
     make_retrieval_scorer,
     map_scorer,
     mean_average_precision,
     precision_at_k,
     retrieval_precision_recall_curve,
 )
-from skquant.metrics import _ranking
 from skquant.metrics._ranking import _average_precision_per_query
 from skquant.metrics._scorer import _score_estimator
 
@@ -202,16 +202,14 @@ def test_map_no_relevant_at_all():
     ranking = np.array([[0, 1, 2], [2, 1, 0]])
     assert mean_average_precision(y_query, y_database, ranking) == 0.0
     with pytest.warns(UndefinedMetricWarning, match="no_relevant='skip'"):
-        score = mean_average_precision(
-            y_query, y_database, ranking, no_relevant="skip"
-        )
+        score = mean_average_precision(y_query, y_database, ranking, no_relevant="skip")
     assert np.isnan(score)
 
 
 def test_label_types_and_sparse_indicator_agree():
     y_query, y_database, ranking = _make_data(False)
     expected = mean_average_precision(y_query, y_database, ranking)
-    as_str = np.array(["label-%d" % v for v in range(5)], dtype=object)
+    as_str = np.array([f"label-{v}" for v in range(5)], dtype=object)
     assert mean_average_precision(
         as_str[y_query].tolist(), as_str[y_database], ranking
     ) == pytest.approx(expected, rel=1e-15)
@@ -263,9 +261,7 @@ def test_curve_matches_loop_reference(multilabel, n_ranked):
 def test_curve_recall_undefined_warns():
     ranking = np.array([[0, 1], [1, 0]])
     with pytest.warns(UndefinedMetricWarning, match="recall is undefined"):
-        precision, recall, _ = retrieval_precision_recall_curve(
-            [5, 6], [0, 1], ranking
-        )
+        precision, recall, _ = retrieval_precision_recall_curve([5, 6], [0, 1], ranking)
     assert_array_equal(precision, [0, 0])
     assert np.isnan(recall).all()
 
@@ -303,7 +299,7 @@ def test_chunking_gives_identical_results(multilabel, monkeypatch):
     assert chunked[0] == full[0]
     assert_array_equal(chunked[1], full[1])
     assert chunked[2] == full[2]
-    for got, expected in zip(chunked[3], full[3]):
+    for got, expected in zip(chunked[3], full[3], strict=True):
         assert_allclose(got, expected, rtol=1e-13)
 
 
@@ -339,7 +335,7 @@ def test_inputs_not_modified(multilabel):
     mean_average_precision(y_query, y_database, ranking, top_k=5)
     precision_at_k(y_query, y_database, ranking, 5)
     retrieval_precision_recall_curve(y_query, y_database, ranking)
-    for original, copy in zip((y_query, y_database, ranking), copies):
+    for original, copy in zip((y_query, y_database, ranking), copies, strict=True):
         assert_array_equal(original, copy)
 
 
@@ -350,7 +346,13 @@ Y1, R1 = np.array([0, 1, 0]), np.array([[0, 1], [1, 2]])
     "y_query, y_database, ranking, kwargs, match",
     [
         ([[1, 0], [0, 1]], Y1, R1, {}, "must both be 1-D class labels or both 2-D"),
-        ([0, 1], [[1, 0], [0, 1], [1, 1]], R1, {}, "must both be 1-D class labels or both"),
+        (
+            [0, 1],
+            [[1, 0], [0, 1], [1, 1]],
+            R1,
+            {},
+            "must both be 1-D class labels or both",
+        ),
         ([[1, 2], [0, 1]], [[1, 0], [0, 1], [1, 1]], R1, {}, "0/1 label indicator"),
         ([[1, 0], [0, 1]], [[1, 0, 0]] * 3, R1, {}, "same labels"),
         ([0, 1], Y1, R1.astype(float), {}, "integer indices"),

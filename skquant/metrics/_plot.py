@@ -79,7 +79,13 @@ class RetrievalCurveDisplay:
     """
 
     def __init__(
-        self, *, precision, recall, ranks, kind="precision_recall", mean_ap=None,
+        self,
+        *,
+        precision,
+        recall,
+        ranks,
+        kind="precision_recall",
+        mean_ap=None,
         name=None,
     ):
         self.precision = precision
@@ -144,8 +150,15 @@ class RetrievalCurveDisplay:
 
     @classmethod
     def from_predictions(
-        cls, y_query, y_database, ranking, *, kind="precision_recall", name=None,
-        ax=None, **kwargs,
+        cls,
+        y_query,
+        y_database,
+        ranking,
+        *,
+        kind="precision_recall",
+        name=None,
+        ax=None,
+        **kwargs,
     ):
         """Plot a retrieval curve from labels and a ranking.
 
@@ -181,15 +194,27 @@ class RetrievalCurveDisplay:
         yq, yd, ranking = _validate(y_query, y_database, ranking)
         precision, recall, ranks, mean_ap = _curve_kernel(yq, yd, ranking)
         display = cls(
-            precision=precision, recall=recall, ranks=ranks, kind=kind,
-            mean_ap=mean_ap, name=name,
+            precision=precision,
+            recall=recall,
+            ranks=ranks,
+            kind=kind,
+            mean_ap=mean_ap,
+            name=name,
         )
         return display.plot(ax=ax, **kwargs)
 
     @classmethod
     def from_estimator(
-        cls, estimator, X, y, *, kind="precision_recall", n_ranked=None, name=None,
-        ax=None, **kwargs,
+        cls,
+        estimator,
+        X,
+        y,
+        *,
+        kind="precision_recall",
+        n_ranked=None,
+        name=None,
+        ax=None,
+        **kwargs,
     ):
         """Plot a retrieval curve of a fitted search estimator.
 
@@ -236,7 +261,11 @@ class RetrievalCurveDisplay:
         )
         name = type(estimator).__name__ if name is None else name
         display = cls(
-            precision=precision, recall=recall, ranks=ranks, kind=kind,
-            mean_ap=mean_ap, name=name,
+            precision=precision,
+            recall=recall,
+            ranks=ranks,
+            kind=kind,
+            mean_ap=mean_ap,
+            name=name,
         )
         return display.plot(ax=ax, **kwargs)

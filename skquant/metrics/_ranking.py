@@ -18,8 +18,8 @@ import warnings
 
 import numpy as np
 from scipy import sparse
-from sklearn.exceptions import UndefinedMetricWarning
 from sklearn import get_config
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.utils import check_array, gen_batches
 
 _NO_RELEVANT_OPTIONS = ("zero", "skip")
@@ -118,8 +118,7 @@ def _check_cutoff(value, upper, name, *, allow_none=True, upper_desc=None):
     if value > upper:
         upper_desc = upper_desc or "the number of ranked columns"
         raise ValueError(
-            f"{name}={value} is too large: it must be at most {upper} "
-            f"({upper_desc})."
+            f"{name}={value} is too large: it must be at most {upper} ({upper_desc})."
         )
     return int(value)
 
@@ -383,9 +382,7 @@ def mean_average_precision(
     0.5
     """
     _check_no_relevant(no_relevant)
-    per_query = _average_precision_per_query(
-        y_query, y_database, ranking, top_k=top_k
-    )
+    per_query = _average_precision_per_query(y_query, y_database, ranking, top_k=top_k)
     return _reduce(per_query, no_relevant)
 
 

@@ -113,10 +113,13 @@ def _score_estimator(estimator, X, y, metric="map", n_ranked=None, **kwargs):
     else:
         if "k" not in kwargs:
             raise TypeError("metric='precision_at_k' requires k.")
-        k = _check_cutoff(kwargs["k"], n_database, "k", allow_none=False,
-                          upper_desc=_DB)
+        k = _check_cutoff(
+            kwargs["k"], n_database, "k", allow_none=False, upper_desc=_DB
+        )
         n_ranked = _check_cutoff(
-            k if n_ranked is None else n_ranked, n_database, "n_ranked",
+            k if n_ranked is None else n_ranked,
+            n_database,
+            "n_ranked",
             upper_desc=_DB,
         )
         k = _check_cutoff(k, n_ranked, "k", allow_none=False, upper_desc="n_ranked")
@@ -218,8 +221,10 @@ def make_retrieval_scorer(metric="map", *, top_k=None, k=None):
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}.")
     if metric == "map":
         if k is not None:
-            raise ValueError("k is only used with metric='precision_at_k'; "
-                             "use top_k for the mAP cut-off.")
+            raise ValueError(
+                "k is only used with metric='precision_at_k'; "
+                "use top_k for the mAP cut-off."
+            )
         if top_k is not None:
             _check_cutoff(top_k, np.inf, "top_k")
         return _RetrievalScorer("map", {"top_k": top_k})
