@@ -5,12 +5,14 @@ and search by asymmetric quantizer distance over compact codes.
 """
 
 from ._base import BaseQuantizer
+from ._dqn import DeepQuantizer
 from ._pq import ProductQuantizer
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BaseQuantizer",
+    "DeepQuantizer",
     "ProductQuantizer",
     "__version__",
 ]
