@@ -280,6 +280,79 @@ def encode_beam(X, codebooks, *, beam_width=1):
     return codes
 
 
+def _icm_chunk_residual(X, C, sq, codes, orders):
+    """ICM on one chunk, conditional costs by one GEMM per codebook.
+
+    ``cost_k = ||c_mk||^2 - 2 <x - x_hat_{-m}, c_mk>`` (``x_hat_{-m}``: the
+    reconstruction without codebook ``m``); updates ``codes`` in place and
+    returns the summed error after initialisation and after each sweep.
+    """
+    rows = np.arange(X.shape[0])
+    x_hat = additive_decode(codes, C)
+    errs = [np.sum((X - x_hat) ** 2)]
+    for order in orders:
+        for m in order:
+            partial = x_hat - C[m][codes[:, m]]
+            cost = (X - partial) @ C[m].T
+            cost *= -2.0
+            cost += sq[m]
+            new_k = _argmin_keep(cost, codes[:, m], rows)
+            codes[:, m] = new_k
+            x_hat = partial + C[m][new_k]
+        errs.append(np.sum((X - x_hat) ** 2))
+    return errs
+
+
+def _icm_chunk_gram(X, C, gram, sq, codes, orders):
+    """ICM on one chunk, conditional costs from the codeword Gram matrix.
+
+    ``cost_k = ||c_mk||^2 - 2 <x, c_mk> + 2 sum_{m' != m} <c_mk, c_m'b_m'>``:
+    ``<x, c>`` is one ``X @ C^T`` product and the cross terms are the rows
+    ``Q = sum_m gram[b_m]`` kept up to date for the points whose code
+    changed, so a conditional update is ``O(K)`` per point plus ``O(M K)``
+    per changed point. Same results as :func:`_icm_chunk_residual`.
+    """
+    M, K, D = C.shape
+    rows = np.arange(X.shape[0])
+    XC = X @ C.reshape(M * K, D).T
+    idx = codes + _offsets(M, K)
+    Q = gram[idx[:, 0]].copy()
+    for m in range(1, M):
+        Q += gram[idx[:, m]]
+    x_sq = np.einsum("ij,ij->i", X, X)
+
+    def err():
+        ip = np.take_along_axis(XC, idx, 1).sum()
+        return x_sq.sum() - 2.0 * ip + np.take_along_axis(Q, idx, 1).sum()
+
+    errs = [err()]
+    for order in orders:
+        for m in order:
+            blk = slice(m * K, (m + 1) * K)
+            old = idx[:, m].copy()
+            cost = Q[:, blk] - gram[old, blk]
+            cost -= XC[:, blk]
+            cost *= 2.0
+            cost += sq[blk]
+            new_k = _argmin_keep(cost, codes[:, m], rows)
+            changed = np.flatnonzero(new_k != codes[:, m])
+            if changed.size:
+                new_idx = new_k[changed] + m * K
+                Q[changed] += gram[new_idx] - gram[old[changed]]
+                codes[changed, m] = new_k[changed]
+                idx[changed, m] = new_idx
+        errs.append(err())
+    return errs
+
+
+def _argmin_keep(cost, current, rows):
+    # Keep the current codeword unless another is strictly better, so that
+    # ties and rounding never move a point to an equal (or worse) code.
+    new_k = np.argmin(cost, axis=1)
+    better = cost[rows, new_k] < cost[rows, current]
+    return np.where(better, new_k, current)
+
+
 def encode_icm(
     X,
     codebooks,
@@ -288,6 +361,7 @@ def encode_icm(
     init_codes=None,
     beam_width=1,
     random_state=None,
+    method="residual",
     return_history=False,
 ):
     """Encode with iterated conditional modes (ICM) on additive codebooks.
@@ -296,14 +370,10 @@ def encode_icm(
     ``beam_width``), every sweep visits the codebooks in a random order and
     re-picks codeword ``m`` of each point as the exact minimiser of
     ``||x - sum_{m' != m} c_{m' b_m'} - c_mk||^2`` over ``k`` with the other
-    codewords fixed. The current codeword is among the candidates, so no
-    sweep increases any point's error.
+    codewords fixed. The current codeword is kept unless another is strictly
+    better, so no sweep increases any point's error.
 
-    The conditional costs use the precomputed ``M K x M K`` codeword Gram
-    matrix: ``cost_k = ||c_mk||^2 - 2 <x, c_mk> + 2 sum_{m'!=m} <c_mk, c_m'b_m'>``
-    where the last sum is kept up to date incrementally (only rows whose
-    code changed are touched), so a sweep costs ``O(n M K)`` after one
-    ``X @ C^T`` product. Points are processed in chunks bounded by
+    Points are processed in chunks bounded by
     ``sklearn.get_config()["working_memory"]``; the sweep orders are drawn
     once, so the result does not depend on the chunking.
 
@@ -318,6 +388,17 @@ def encode_icm(
         Beam of the initial encoder when ``init_codes`` is None.
     random_state : int, RandomState instance or None, default=None
         Seeds the random codebook order of each sweep.
+    method : {"residual", "gram"}, default="residual"
+        How the conditional costs are computed; both give identical codes
+        (up to floating-point ties). ``"residual"``: one
+        ``(x - x_hat_{-m}) @ C_m^T`` BLAS product per codebook, ``O(n D K)``.
+        ``"gram"``: precomputed codeword norms and ``M K x M K`` Gram matrix,
+        ``O(n K)`` per codebook plus ``O(M K)`` per point whose code changes.
+        Measured on one core (3 sweeps, float64, median of 3): for ``D = 64``,
+        ``K = 256`` ``"residual"`` is 2x (n=1000, M=4) to 3.5x (n=20000,
+        M=8) faster, as numpy gathers cost several BLAS multiply-adds;
+        ``"gram"`` is 1.4x faster for ``D = 256`` (M=4, K=256) and for
+        ``D = 16``, ``K = 32``.
     return_history : bool, default=False
         Also return the mean squared error after initialisation and after
         each sweep (length ``n_sweeps + 1``).
@@ -342,54 +423,28 @@ def encode_icm(
     C = np.asarray(codebooks, dtype=np.float64)
     M, K, D = C.shape
     n = X.shape[0]
+    if method not in ("residual", "gram"):
+        raise ValueError(f"method must be 'residual' or 'gram', got {method!r}.")
     if init_codes is None:
         codes = encode_beam(X, C, beam_width=beam_width)
     else:
         codes = np.array(init_codes, dtype=np.int64, copy=True)
     rng = check_random_state(random_state)
     orders = [rng.permutation(M) for _ in range(n_sweeps)]
-    gram, sq = codebook_gram(C)
-    flat = C.reshape(M * K, D)
-    offs = _offsets(M, K)
     history = np.zeros(n_sweeps + 1)
-    x_sq = np.einsum("ij,ij->i", X, X)
-    chunk = _chunk_rows(8 * (3 * M * K + D), n)
-    for sl in gen_batches(n, chunk):
+    if method == "gram":
+        gram, sq = codebook_gram(C)
+        row_bytes = 8 * (3 * M * K + D)
+    else:
+        sq = np.einsum("mkd,mkd->mk", C, C)
+        row_bytes = 8 * (2 * K + 4 * D)
+    for sl in gen_batches(n, _chunk_rows(row_bytes, n)):
         b = codes[sl]  # a view: updated in place
-        XC = X[sl] @ flat.T  # (c, MK): <x, c_mk>
-        idx = b + offs
-        # Q[i] = sum over all m of gram[idx[i, m]] = <x_hat_i, c> for every c.
-        Q = gram[idx[:, 0]].copy()
-        for m in range(1, M):
-            Q += gram[idx[:, m]]
-        rows = np.arange(b.shape[0])
-
-        def _err():
-            # ||x - x_hat||^2 = ||x||^2 - 2 <x, x_hat> + <x_hat, x_hat>
-            ip = np.take_along_axis(XC, idx, 1).sum(1)
-            nn = np.take_along_axis(Q, idx, 1).sum(1)
-            return x_sq[sl] - 2.0 * ip + nn
-
-        history[0] += _err().sum()
-        for s, order in enumerate(orders):
-            for m in order:
-                blk = slice(m * K, (m + 1) * K)
-                old = idx[:, m]
-                # other = <c_mk, x_hat - c_m,old>, for all k of codebook m
-                other = Q[:, blk] - gram[old, blk]
-                cost = sq[m * K : (m + 1) * K] - 2.0 * XC[:, blk] + 2.0 * other
-                new_k = np.argmin(cost, axis=1)
-                # Keep the old codeword on ties, so rounding never moves a
-                # point to an equally good (or, numerically, worse) code.
-                cur = cost[rows, b[:, m]]
-                new_k = np.where(cost[rows, new_k] < cur, new_k, b[:, m])
-                changed = np.flatnonzero(new_k != b[:, m])
-                if changed.size:
-                    new_idx = new_k[changed] + m * K
-                    Q[changed] += gram[new_idx] - gram[old[changed]]
-                    b[changed, m] = new_k[changed]
-                    idx[changed, m] = new_idx
-            history[s + 1] += _err().sum()
+        if method == "gram":
+            errs = _icm_chunk_gram(X[sl], C, gram, sq, b, orders)
+        else:
+            errs = _icm_chunk_residual(X[sl], C, sq, b, orders)
+        history += errs
     history /= max(n, 1)
     if return_history:
         return codes, history

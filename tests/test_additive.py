@@ -69,12 +69,14 @@ def test_greedy_is_residual_nearest_codeword(data):
         R -= C[m][codes[:, m]]
 
 
-def test_icm_beats_greedy_and_never_worse_than_init(data):
+@pytest.mark.parametrize("method", ["residual", "gram"])
+def test_icm_beats_greedy_and_never_worse_than_init(data, method):
     X, C = data
     greedy = encode_beam(X, C)
     err_greedy = quantization_error(X, greedy, C)
     codes, hist = encode_icm(
-        X, C, n_sweeps=4, init_codes=greedy, random_state=0, return_history=True
+        X, C, n_sweeps=4, init_codes=greedy, random_state=0, return_history=True,
+        method=method,
     )
     err_icm = quantization_error(X, codes, C)
     # Per point: never worse than its own initialisation.
@@ -87,22 +89,25 @@ def test_icm_beats_greedy_and_never_worse_than_init(data):
     assert hist[-1] == pytest.approx(err_icm.mean())
 
 
-@pytest.mark.parametrize("n_sweeps", [1, 2])
-def test_each_icm_sweep_never_increases_any_point(data, n_sweeps):
+@pytest.mark.parametrize("method", ["residual", "gram"])
+def test_each_icm_sweep_never_increases_any_point(data, method):
     X, C = data
     prev = encode_beam(X, C)
     prev_err = quantization_error(X, prev, C)
     for s in range(3):
-        codes = encode_icm(X, C, n_sweeps=n_sweeps, init_codes=prev, random_state=s)
+        codes = encode_icm(
+            X, C, n_sweeps=1, init_codes=prev, random_state=s, method=method
+        )
         err = quantization_error(X, codes, C)
         assert np.all(err <= prev_err + 1e-9)
         prev, prev_err = codes, err
 
 
-def test_icm_is_a_local_optimum(data):
+@pytest.mark.parametrize("method", ["residual", "gram"])
+def test_icm_is_a_local_optimum(data, method):
     """After convergence no single-codebook change improves a point."""
     X, C = data
-    codes = encode_icm(X[:100], C, n_sweeps=30, random_state=0)
+    codes = encode_icm(X[:100], C, n_sweeps=30, random_state=0, method=method)
     err = quantization_error(X[:100], codes, C)
     for m in range(4):
         for k in range(32):
@@ -131,13 +136,25 @@ def test_wider_beam_helps_on_average(data):
     assert e8 < e1
 
 
-def test_icm_reproducible_and_chunking_invariant(data):
+def test_icm_methods_agree(data):
     X, C = data
-    a = encode_icm(X, C, random_state=0)
-    b = encode_icm(X, C, random_state=0)
+    a, ha = encode_icm(X, C, random_state=0, return_history=True)
+    b, hb = encode_icm(X, C, random_state=0, method="gram", return_history=True)
     np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(ha, hb, rtol=1e-10)
+    with pytest.raises(ValueError, match="method"):
+        encode_icm(X, C, method="exhaustive")
+
+
+@pytest.mark.parametrize("method", ["residual", "gram"])
+def test_icm_reproducible_and_chunking_invariant(data, method):
+    X, C = data
+    a = encode_icm(X, C, random_state=0, method=method)
+    b = encode_icm(X, C, random_state=0, method=method)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, encode_beam(X, C))  # the sweeps did something
     with config_context(working_memory=0.01):  # forces 64-row chunks
-        c = encode_icm(X, C, random_state=0)
+        c = encode_icm(X, C, random_state=0, method=method)
         d = encode_beam(X, C, beam_width=4)
     np.testing.assert_array_equal(a, c)
     np.testing.assert_array_equal(encode_beam(X, C, beam_width=4), d)
