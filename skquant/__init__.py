@@ -4,15 +4,18 @@ Estimators follow the scikit-learn API (``fit``/``transform``/``kneighbors``)
 and search by asymmetric quantizer distance over compact codes.
 """
 
-from ._base import BaseQuantizer
+from ._base import BaseQuantizer, InconsistentVersionWarning
 from ._dqn import DeepQuantizer
 from ._pq import ProductQuantizer
+from .neighbors import QuantizedKNeighborsTransformer
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BaseQuantizer",
     "DeepQuantizer",
+    "InconsistentVersionWarning",
     "ProductQuantizer",
+    "QuantizedKNeighborsTransformer",
     "__version__",
 ]

@@ -7,6 +7,7 @@ Subclasses only learn a model: see the hooks documented on :class:`BaseQuantizer
 """
 
 import numbers
+import warnings
 from numbers import Integral
 
 import numpy as np
@@ -17,6 +18,7 @@ from sklearn.base import (
     TransformerMixin,
     _fit_context,
 )
+from sklearn.exceptions import InconsistentVersionWarning as _SklearnVersionWarning
 from sklearn.neighbors._base import KNeighborsMixin
 from sklearn.utils import gen_batches
 from sklearn.utils._param_validation import Interval
@@ -50,8 +52,72 @@ def _check_labels(y, n_samples):
     return y
 
 
+class InconsistentVersionWarning(_SklearnVersionWarning):
+    """Warning raised when an estimator is unpickled under another skquant version.
+
+    A subclass of scikit-learn's warning of the same name, so filters set for
+    scikit-learn's also apply.
+
+    Parameters
+    ----------
+    estimator_name : str
+        Estimator name.
+    current_skquant_version : str
+        The skquant version that loads the estimator.
+    original_skquant_version : str
+        The skquant version that pickled it.
+    """
+
+    def __init__(self, *, estimator_name, current_skquant_version, original_skquant_version):
+        super().__init__(
+            estimator_name=estimator_name,
+            current_sklearn_version=current_skquant_version,
+            original_sklearn_version=original_skquant_version,
+        )
+        self.current_skquant_version = current_skquant_version
+        self.original_skquant_version = original_skquant_version
+
+    def __str__(self):
+        return (
+            f"Trying to unpickle estimator {self.estimator_name} from skquant "
+            f"version {self.original_skquant_version} when using version "
+            f"{self.current_skquant_version}. This might lead to breaking code or "
+            "invalid results. Use at your own risk; refit the estimator, or load it "
+            "with the version that saved it."
+        )
+
+
+class _VersionedPickleMixin:
+    """Store the skquant version in pickles; warn when loading under another one."""
+
+    def __getstate__(self):
+        from . import __version__
+
+        # A copy: BaseEstimator.__getstate__ may return the instance __dict__ itself.
+        return dict(super().__getstate__(), _skquant_version=__version__)
+
+    def __setstate__(self, state):
+        from . import __version__
+
+        state = dict(state)
+        pickle_version = state.pop("_skquant_version", "unknown")
+        if pickle_version != __version__:
+            warnings.warn(
+                InconsistentVersionWarning(
+                    estimator_name=type(self).__name__,
+                    current_skquant_version=__version__,
+                    original_skquant_version=pickle_version,
+                )
+            )
+        super().__setstate__(state)
+
+
 class BaseQuantizer(
-    ClassNamePrefixFeaturesOutMixin, KNeighborsMixin, TransformerMixin, BaseEstimator
+    _VersionedPickleMixin,
+    ClassNamePrefixFeaturesOutMixin,
+    KNeighborsMixin,
+    TransformerMixin,
+    BaseEstimator,
 ):
     """Base class of skquant's quantizers: learn, index, search.
 
@@ -423,6 +489,28 @@ class BaseQuantizer(
 
         check_is_fitted(self)
         return _score_estimator(self, X, y, metric="map")
+
+    # ------------------------------------------------------------------ interop
+    def to_faiss(self):
+        """Export the codebooks and the indexed codes as a faiss index.
+
+        Requires the optional dependency ``faiss`` (``pip install faiss-cpu``).
+        The index searches the same space as :meth:`kneighbors`: queries must
+        be embedded first (``index.search(est.transform(X), k)``; for
+        :class:`ProductQuantizer` the embedding is ``X`` itself).
+
+        Returns
+        -------
+        index : faiss.Index
+            ``IndexPQ`` (squared L2 distances; wrapped in an
+            ``IndexPreTransform`` when the quantizer has a rotation), or an
+            additive-quantizer index with inner-product scores for
+            :class:`SphericalQuantizer`.
+        """
+        from ._faiss import to_faiss
+
+        check_is_fitted(self)
+        return to_faiss(self)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

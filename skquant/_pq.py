@@ -276,6 +276,43 @@ class ProductQuantizer(BaseQuantizer):
                 return_n_iter=True,
             )
 
+    @classmethod
+    def from_faiss(cls, index):
+        """Build a fitted quantizer from a faiss product-quantization index.
+
+        The inverse of :meth:`to_faiss`. Requires the optional dependency
+        ``faiss`` (``pip install faiss-cpu``).
+
+        Parameters
+        ----------
+        index : faiss.IndexPQ or faiss.IndexPreTransform
+            A trained ``IndexPQ`` with ``METRIC_L2``, optionally behind one
+            orthogonal ``LinearTransform`` (OPQ, e.g. from
+            ``faiss.index_factory(d, "OPQ8,PQ8")``).
+
+        Returns
+        -------
+        estimator : ProductQuantizer
+            Fitted, with the index's codebooks, rotation and codes; the
+            database has no labels (call :meth:`index` with ``y`` to
+            :meth:`score` it).
+
+        Examples
+        --------
+        >>> import faiss  # doctest: +SKIP
+        >>> import numpy as np
+        >>> from skquant import ProductQuantizer
+        >>> X = np.random.RandomState(0).rand(1000, 16).astype("float32")
+        >>> index = faiss.IndexPQ(16, 4, 8)  # doctest: +SKIP
+        >>> index.train(X); index.add(X)  # doctest: +SKIP
+        >>> pq = ProductQuantizer.from_faiss(index)  # doctest: +SKIP
+        >>> pq.codes_.shape  # doctest: +SKIP
+        (1000, 4)
+        """
+        from ._faiss import from_faiss
+
+        return from_faiss(cls, index)
+
     def _embed(self, X):
         # PQ quantizes the input space itself.
         return np.asarray(X, dtype=np.float32)
