@@ -6,6 +6,7 @@ and search by asymmetric quantizer distance over compact codes.
 
 from ._base import BaseQuantizer, InconsistentVersionWarning
 from ._dqn import DeepQuantizer
+from ._dsq import SphericalQuantizer
 from ._pq import ProductQuantizer
 from .neighbors import QuantizedKNeighborsTransformer
 
@@ -17,5 +18,6 @@ __all__ = [
     "InconsistentVersionWarning",
     "ProductQuantizer",
     "QuantizedKNeighborsTransformer",
+    "SphericalQuantizer",
     "__version__",
 ]

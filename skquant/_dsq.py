@@ -203,7 +203,9 @@ class SphericalQuantizer(BaseQuantizer):
       centres); indexed and query items are encoded from ``z`` alone.
     - Sparse codebooks: projected least squares (hard thresholding, iterative
       hard thresholding steps, then exact least squares on the support)
-      after every codebook update.
+      after every codebook update. Lookup tables use the sparse codebooks
+      (CSR, ``O(M K s)``) when ``sparsity <= embedding_dim / 8``, where this
+      measured faster than the dense BLAS product; otherwise the dense path.
     - Multi-label ``y``: the centre of an item is ``a_i Phi`` with
       ``a_i = y_i / |y_i|_1`` (the mean of its labels' centres), and the
       classification loss is the softmax cross-entropy against ``a_i``.
@@ -456,9 +458,12 @@ class SphericalQuantizer(BaseQuantizer):
         return self
 
     def _set_sparse_tables(self):
-        # CSR copy of sparse codebooks for O(M K s) lookup tables.
+        # CSR copy of sparse codebooks for O(M K s) lookup tables. scipy's
+        # sparse product does a multiply-add several times slower than BLAS,
+        # so it only beats the dense product for s <= D / 8 (measured in
+        # benchmarks/bench_dsq.py); denser codebooks use the dense path.
         s = self.sparsity
-        dense = s is None or s >= self.codebooks_.shape[2]
+        dense = s is None or 8 * s > self.codebooks_.shape[2]
         self._codebooks_csr = None if dense else sparse_codebooks_csr(self.codebooks_)
 
     # ------------------------------------------------------------------ hooks

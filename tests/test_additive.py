@@ -279,7 +279,7 @@ def test_sparse_tables_equal_dense_tables(data, s):
     if s is not None:
         assert csr.nnz <= 128 * s
     sparse = inner_product_tables(Z, P, csr=csr)
-    assert sparse.dtype == np.float32 and sparse.flags.c_contiguous
+    assert sparse.dtype == np.float32 and sparse.shape == (37, 4, 32)
     np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
         inner_product_tables(Z, P, csr=csr, negate=True), -sparse, rtol=1e-6
