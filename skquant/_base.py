@@ -24,7 +24,7 @@ from sklearn.utils import gen_batches
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._search import aqd_search, euclidean_tables, inner_product_tables
+from ._search import CodeLayout, aqd_search, euclidean_tables, inner_product_tables
 
 
 def _check_labels(y, n_samples):
@@ -144,6 +144,8 @@ class BaseQuantizer(
     _parameter_constraints = {
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
         "n_jobs": [Integral, None],
+        "n_lists": [Interval(Integral, 1, None, closed="left"), None],
+        "n_probe": [Interval(Integral, 1, None, closed="left")],
     }
 
     # ------------------------------------------------------------------ fit/index
@@ -169,6 +171,7 @@ class BaseQuantizer(
         X, y = self._validate_input(X, y, reset=True)
         self._fit(X, y)
         self._set_index(self._encode_rows(X), y)
+        self._fit_coarse_quantizer()
         return self
 
     def index(self, X, y=None):
@@ -217,6 +220,7 @@ class BaseQuantizer(
                 else "The index was built without labels, so add() cannot take y; "
                 "rebuild it with index(X, y)."
             )
+        layout = self._search_layout_or_none()
         codes = np.concatenate([self.codes_, self._encode_rows(X)])
         if has_labels:
             if y.ndim != self.database_labels_.ndim or (
@@ -228,6 +232,9 @@ class BaseQuantizer(
                 )
             y = np.concatenate([self.database_labels_, y])
         self._set_index(codes, y)
+        if layout is not None:
+            # Keep the inverted-file cells already computed for the old items.
+            self._search_layout = layout.extended(self.codes_)
         return self
 
     def _validate_input(self, X, y, *, reset):
@@ -248,6 +255,69 @@ class BaseQuantizer(
         self.codes_ = np.asfortranarray(codes)
         self.database_labels_ = y
         self.n_samples_fit_ = codes.shape[0]
+        # Derived search layouts (pair codes, inverted file) of the old codes.
+        self._search_layout = None
+
+    # ------------------------------------------------------------------ IVF
+    def _fit_coarse_quantizer(self):
+        """Coarse centroids of the inverted file (``n_lists``), on the
+        reconstructions of the indexed items; None for exhaustive search."""
+        n_lists = getattr(self, "n_lists", None)
+        if n_lists is None:
+            self.coarse_centroids_ = None
+            return
+        from ._ivf import train_coarse_quantizer
+
+        n_items = self.codes_.shape[0]
+        # k-means samples at most 256 items per cell: decode only those.
+        seed = _seed_of(getattr(self, "random_state", None))
+        rng = np.random.default_rng(seed)
+        sample = np.arange(n_items)
+        if n_items > 256 * n_lists:
+            sample = np.sort(rng.choice(n_items, 256 * n_lists, replace=False))
+        self.coarse_centroids_ = train_coarse_quantizer(
+            self._decode_codes(self.codes_[sample]), n_lists,
+            metric=self._metric, random_state=seed,
+        )
+
+    def _search_layout_or_none(self):
+        layout = getattr(self, "_search_layout", None)
+        if layout is not None and layout.matches(self.codes_):
+            return layout
+        return None
+
+    def _code_layout(self):
+        """Cached scan layouts of ``codes_`` (rebuilt when ``codes_`` changes)."""
+        layout = self._search_layout_or_none()
+        if layout is None:
+            layout = self._search_layout = CodeLayout(self.codes_)
+        return layout
+
+    def _assign_cells(self, codes):
+        """Cell of each code row: nearest coarse centroid of its reconstruction."""
+        from ._ivf import assign_lists
+
+        cells = np.empty(len(codes), dtype=np.int32)
+        row_bytes = 4 * (self._n_features_out + self.coarse_centroids_.shape[0])
+        for batch in gen_batches(len(codes), _rows_per_chunk(row_bytes)):
+            cells[batch] = assign_lists(
+                self._decode_codes(codes[batch]), self.coarse_centroids_, self._metric
+            )
+        return cells
+
+    def _inverted_lists(self):
+        """The inverted file of the index, or None for exhaustive search."""
+        n_lists = getattr(self, "n_lists", None)
+        if n_lists is None:
+            return None
+        centroids = getattr(self, "coarse_centroids_", None)
+        if centroids is None or centroids.shape[0] != n_lists:
+            raise ValueError(
+                f"n_lists={n_lists} but the coarse quantizer was trained with "
+                f"{0 if centroids is None else centroids.shape[0]} cells: call fit "
+                f"again after changing n_lists (n_probe can change at any time)."
+            )
+        return self._code_layout().inverted_lists(centroids, self._assign_cells)
 
     # ------------------------------------------------------------------ codes
     def transform(self, X):
@@ -432,9 +502,11 @@ class BaseQuantizer(
             )
 
         n_codebooks, n_codewords, _ = self.codebooks_.shape
-        # A chunk of queries holds its float32 tables, embeddings and results.
-        row_bytes = 4 * n_codebooks * n_codewords + 8 * self._n_features_out
-        row_bytes += 16 * n_neighbors
+        ivf = self._inverted_lists()
+        # A chunk of queries holds its float32 tables (twice: the engine's
+        # transposed copy), embeddings, coarse scores and results.
+        row_bytes = 8 * n_codebooks * n_codewords + 8 * self._n_features_out
+        row_bytes += 16 * n_neighbors + (0 if ivf is None else 4 * ivf.n_lists)
         neigh_dist = np.empty((n_queries, n_neighbors), dtype=np.float64)
         neigh_ind = np.empty((n_queries, n_neighbors), dtype=np.intp)
         for batch in gen_batches(n_queries, _rows_per_chunk(row_bytes)):
@@ -442,9 +514,19 @@ class BaseQuantizer(
                 Z = self._decode_codes(self.codes_[batch])
             else:
                 Z = self._embed(X[batch])
-            values, indices = aqd_search(
-                self._lookup_tables(Z), self.codes_, n_neighbors, n_jobs=self.n_jobs
-            )
+            if ivf is None:
+                values, indices = aqd_search(
+                    self._lookup_tables(Z), self.codes_, n_neighbors,
+                    n_jobs=self.n_jobs, layout=self._code_layout(),
+                )
+            else:
+                from ._ivf import coarse_scores, ivf_search
+
+                values, indices = ivf_search(
+                    self._lookup_tables(Z),
+                    coarse_scores(Z, self.coarse_centroids_, self._metric),
+                    ivf, n_neighbors, n_probe=self.n_probe, n_jobs=self.n_jobs,
+                )
             neigh_dist[batch] = self._tables_to_distances(values)
             neigh_ind[batch] = indices
 
@@ -517,6 +599,14 @@ class BaseQuantizer(
         # transform returns float32 embeddings, whatever the input dtype.
         tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
+
+
+def _seed_of(random_state):
+    """An int seed (or None) from an int / RandomState / None, without
+    advancing a shared RandomState more than once."""
+    if random_state is None or isinstance(random_state, numbers.Integral):
+        return random_state
+    return int(random_state.randint(np.iinfo(np.int32).max))
 
 
 def _rows_per_chunk(row_bytes):

@@ -179,6 +179,17 @@ class ProductQuantizer(BaseQuantizer):
     n_jobs : int, default=None
         Parallel jobs for search (database shards). ``None`` means 1 unless in
         a :func:`joblib.parallel_config` context, ``-1`` all processors.
+    n_lists : int, default=None
+        Non-exhaustive search: number of cells of an inverted file (coarse
+        k-means on the reconstructions of the indexed items, trained by
+        :meth:`fit`); a query scans only the items of its ``n_probe`` nearest
+        cells. ``None`` scans the whole database. About ``sqrt(n_samples)`` to
+        ``4 * sqrt(n_samples)`` is a good start for large databases.
+    n_probe : int, default=8
+        Cells scanned per query when ``n_lists`` is set (more when they hold
+        fewer than ``n_neighbors`` items). Trades speed for recall; can be
+        changed after fitting with :meth:`set_params`. ``n_probe >= n_lists``
+        gives exactly the exhaustive result.
     random_state : int, RandomState instance or None, default=None
         Seeds k-means; pass an int for reproducible codebooks.
 
@@ -197,6 +208,8 @@ class ProductQuantizer(BaseQuantizer):
     n_iter_ : int
         Largest number of k-means iterations over the sub-spaces, or the number
         of OPQ alternations when ``rotation=True``.
+    coarse_centroids_ : ndarray of shape (n_lists, n_features) or None
+        Cell centroids of the inverted file (``None`` when ``n_lists=None``).
     n_features_in_ : int
         Number of features seen during :meth:`fit`.
     feature_names_in_ : ndarray of shape (n_features_in_,)
@@ -247,6 +260,8 @@ class ProductQuantizer(BaseQuantizer):
         max_iter=100,
         n_neighbors=5,
         n_jobs=None,
+        n_lists=None,
+        n_probe=8,
         random_state=None,
     ):
         self.n_subspaces = n_subspaces
@@ -256,6 +271,8 @@ class ProductQuantizer(BaseQuantizer):
         self.max_iter = max_iter
         self.n_neighbors = n_neighbors
         self.n_jobs = n_jobs
+        self.n_lists = n_lists
+        self.n_probe = n_probe
         self.random_state = random_state
 
     def _fit(self, X, y):

@@ -11,32 +11,69 @@ additions per item instead of a ``D``-dimensional distance. Tables are always
 "lower is better" (squared Euclidean contributions, or *negated* inner
 products), so one top-k routine serves both metrics.
 
+Kernels (chosen by batch size, measured in ``benchmarks/bench_search.py`` and
+``shared/research/perf.md``):
+
+* few queries: one query at a time, sub-spaces merged in pairs into
+  ``K**2``-entry tables (half the gathers) read with ``np.take`` on cached
+  ``uint16`` pair codes, contiguous per pair;
+* batches: database-major blocks, where each code fetched serves a block of
+  queries: the rows ``T[:, m, b].T`` of all queries are gathered into a
+  ``(items, queries)`` block, by :func:`torch.nn.functional.embedding_bag` when
+  torch is importable (one fused gather-and-sum) and by ``np.take(axis=0)``
+  otherwise.
+
+Both use a running-threshold top-k: after the first block only the entries
+below each query's current ``k``-th best value are looked at (a compare and a
+``flatnonzero``, about 10x cheaper than ``argpartition``), and those few are
+merged by ``(value, index)``, so ties go to the lower index.
+
 Memory stays bounded whatever the database size: the database is scanned in
-blocks whose distance buffer fits in ``sklearn.get_config()["working_memory"]``
-(per job), and only the ``k`` best candidates of each block are kept.
+blocks whose scratch fits in ``sklearn.get_config()["working_memory"]`` (per
+job), and only the ``k`` best candidates per query are kept. Database shards
+run in threads (numpy and torch release the GIL) from a persistent pool, so one
+query pays microseconds, not a joblib dispatch; under an explicit non-local
+joblib backend (e.g. dask) the shards go through joblib instead.
 """
+
+import importlib.util
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from joblib import effective_n_jobs
+from joblib.parallel import get_active_backend
 from sklearn import get_config
 from sklearn.utils import gen_even_slices
 from sklearn.utils.parallel import Parallel, delayed
 
 __all__ = [
+    "CodeLayout",
     "aqd_search",
     "euclidean_tables",
     "inner_product_tables",
 ]
 
-# Bytes of scratch memory per (query, database item) pair in a block: the
-# float32 accumulator, the float32 copy made by ``np.partition`` and a bool mask.
+# Bytes of scratch memory per (query, database item) pair in a batch block: the
+# float32 accumulator, the float32 term being added and the comparison mask.
 _BYTES_PER_PAIR = 4 + 4 + 1
-# Blocks of about 2**20 pairs (4 MiB of float32 accumulator) stay in L2/L3
+# Batch blocks of about 2**20 pairs (4 MiB of float32 accumulator) stay in
 # cache; larger blocks measured 20-60 % slower (shared/research/perf.md).
 _CACHE_PAIRS = 2**20
-# Queries scanned together: each code fetched from memory then serves a block
-# of queries (perf.md: 8-32 queries per block is the sweet spot).
-_QUERY_BLOCK = 32
+# Queries per database-major block: each gathered table row is 4 * 64 bytes.
+_QUERY_BLOCK = 64
+# Below this many queries, the per-query (pair table) kernel is faster than the
+# database-major batch kernel (crossover measured at 8 to 16 queries).
+_BATCH_MIN_QUERIES = 12
+# Items per block of the per-query kernel: 1 MiB float32 accumulators.
+_SINGLE_BLOCK = 2**18
+# Pair tables hold K**2 entries: only worth it while they stay cache-sized.
+_MAX_PAIR_CODEWORDS = 256
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
 
 
 def euclidean_tables(queries, codebooks):
@@ -98,6 +135,113 @@ def inner_product_tables(queries, codebooks, layout="additive"):
     return np.ascontiguousarray(tables, dtype=np.float32)
 
 
+# ---------------------------------------------------------------------------
+# Code layouts
+class CodeLayout:
+    """Scan-friendly views of one codes array, derived on first use and cached.
+
+    An estimator keeps one per indexed ``codes_`` and hands it to
+    :func:`aqd_search`; it is only used while ``layout.codes is codes``, so
+    replacing the codes (``index``, ``add``, or assigning ``codes_``) makes it
+    stale rather than wrong. Pickling keeps the reference to the codes (shared
+    with the estimator's, so stored once) and drops the derived arrays, which
+    are rebuilt lazily.
+
+    Parameters
+    ----------
+    codes : ndarray of shape (n_items, n_codebooks), integer
+        The codes it describes (not copied).
+    """
+
+    def __init__(self, codes):
+        self.codes = codes
+        self._codes_t = None
+        self._pair_codes = None
+        # (centroids, InvertedLists) of the last inverted file built, and
+        # (centroids, assignments) known in advance (``add`` extends them).
+        self._ivf = None
+        self._seed = None
+        self._lock = threading.Lock()
+
+    def matches(self, codes):
+        """Whether this layout describes ``codes`` (the same array object)."""
+        return codes is self.codes
+
+    @property
+    def codes_t(self):
+        """(M, N) C-contiguous codes: one contiguous run per sub-space.
+
+        A free view when the codes are Fortran-ordered (as estimators store
+        them), else a cached copy.
+        """
+        if self._codes_t is None:
+            codes_t = self.codes.T
+            if not codes_t.flags.c_contiguous:
+                codes_t = np.ascontiguousarray(codes_t)
+            self._codes_t = codes_t
+        return self._codes_t
+
+    def pair_codes(self, n_codewords):
+        """(M // 2, N) uint16 codes of sub-space pairs: ``b[2j] * K + b[2j + 1]``.
+
+        Same bytes as uint8 codes; half as many gathers per item, each into a
+        ``K**2``-entry table.
+        """
+        with self._lock:
+            if self._pair_codes is None or self._pair_codes[0] != n_codewords:
+                codes_t = self.codes_t
+                n_pairs = codes_t.shape[0] // 2
+                pairs = np.empty((n_pairs, codes_t.shape[1]), dtype=np.uint16)
+                for j in range(n_pairs):
+                    np.multiply(codes_t[2 * j], n_codewords, out=pairs[j], dtype=np.uint16)
+                    pairs[j] += codes_t[2 * j + 1]
+                self._pair_codes = (n_codewords, pairs)
+            return self._pair_codes[1]
+
+    def inverted_lists(self, centroids, assign):
+        """The inverted file of these codes for coarse ``centroids``, cached.
+
+        ``assign(codes) -> cells`` is only called for items whose cell is not
+        known yet (see :meth:`extended`).
+        """
+        from ._ivf import InvertedLists
+
+        with self._lock:
+            if self._ivf is None or self._ivf[0] is not centroids:
+                if self._seed is not None and self._seed[0] is centroids:
+                    known = self._seed[1]
+                    cells = np.concatenate([known, assign(self.codes[len(known):])])
+                else:
+                    cells = assign(self.codes)
+                self._ivf = (centroids, InvertedLists(self.codes, cells, len(centroids)))
+                self._seed = None
+            return self._ivf[1]
+
+    def extended(self, codes):
+        """A layout for ``codes``, whose first rows are this layout's codes: the
+        cells already computed are reused."""
+        layout = CodeLayout(codes)
+        if self._ivf is not None:
+            layout._seed = (self._ivf[0], self._ivf[1].assignments)
+        elif self._seed is not None:
+            layout._seed = self._seed
+        return layout
+
+    def __getstate__(self):
+        # Derived arrays are rebuilt on demand; the cells of an inverted file
+        # (one k-means assignment per item, the costly part) are kept.
+        state = {"codes": self.codes, "seed": self._seed}
+        if self._ivf is not None:
+            state["seed"] = (self._ivf[0], self._ivf[1].assignments)
+        return state
+
+    def __setstate__(self, state):
+        self.__init__(state["codes"])
+        self._seed = state["seed"]
+
+
+# ---------------------------------------------------------------------------
+# Top-k bookkeeping
 def _block_topk(values, k, offset):
     """The ``k`` smallest entries of each row, ties broken by lower column.
 
@@ -143,52 +287,236 @@ def _merge_topk(values, indices, k):
     )
 
 
-def _scan_shard(tables, codes_t, start, stop, k, working_memory):
-    """Top-k of every query over database items ``start:stop``.
+def _refine(tables, codes, indices):
+    """Exact float64 sums of the selected items, re-sorted by (value, index).
 
-    ``codes_t`` is the (M, N) column-major view of the codes: the codes of one
-    sub-space for a run of items are contiguous, so each sub-space is a single
-    ``np.take`` over a block of queries (``out=`` and ``mode="clip"`` avoid
-    numpy's buffered bounds checks; codes are in range by construction).
+    The kernels sum float32 terms in different orders (pairs, blocks), so
+    their last bit differs; recomputing the ``k`` winners in one fixed way
+    makes the result the same whichever kernel, batch size or sharding ran.
     """
-    n_queries, n_subspaces, _ = tables.shape
-    n_items = stop - start
-    k = min(k, n_items)
-    query_block = min(n_queries, _QUERY_BLOCK)
-    budget_pairs = max(1, int(working_memory * 2**20) // _BYTES_PER_PAIR)
-    item_block = max(1, min(budget_pairs, _CACHE_PAIRS) // query_block)
-    item_block = min(item_block, n_items)
+    n_queries, n_subspaces, n_codewords = tables.shape
+    codes = np.moveaxis(codes[indices], -1, 0)  # (M, n_queries, k)
+    flat = (np.arange(n_queries)[:, None] * n_subspaces * n_codewords
+            + np.arange(n_subspaces)[:, None, None] * n_codewords
+            + codes.astype(np.intp))
+    values = tables.reshape(-1)[flat].astype(np.float64).sum(axis=0)
+    order = np.lexsort((indices, values), axis=1)
+    return np.take_along_axis(values, order, 1), np.take_along_axis(indices, order, 1)
 
-    best_values = np.empty((n_queries, k), dtype=np.float32)
-    best_indices = np.empty((n_queries, k), dtype=np.intp)
-    accumulator = np.empty((query_block, item_block), dtype=np.float32)
-    scratch = np.empty_like(accumulator)
-    for q0 in range(0, n_queries, query_block):
-        q1 = min(q0 + query_block, n_queries)
-        # (M, nq, K) contiguous per sub-space, so take(axis=1) reads one row per query
-        block_tables = np.ascontiguousarray(tables[q0:q1].transpose(1, 0, 2))
-        cand_values, cand_indices = [], []
-        for i0 in range(start, stop, item_block):
-            i1 = min(i0 + item_block, stop)
-            acc = accumulator[: q1 - q0, : i1 - i0]
-            tmp = scratch[: q1 - q0, : i1 - i0]
-            np.take(block_tables[0], codes_t[0, i0:i1], axis=1, out=acc, mode="clip")
-            for m in range(1, n_subspaces):
-                np.take(block_tables[m], codes_t[m, i0:i1], axis=1, out=tmp, mode="clip")
+
+def _empty_best(n_queries, k):
+    """Running top-k of ``n_queries`` queries, filled with sentinels that lose to
+    every real candidate (``+inf``, then the largest index)."""
+    return (
+        np.full((n_queries, k), np.inf, dtype=np.float32),
+        np.full((n_queries, k), np.iinfo(np.intp).max, dtype=np.intp),
+    )
+
+
+def _merge_into(best_values, best_indices, rows, values, indices):
+    """Merge candidates ``(rows, values, indices)`` into the running top-k, in place.
+
+    Only the rows that received candidates are touched; each keeps its ``k``
+    best by ``(value, index)``.
+    """
+    k = best_values.shape[1]
+    touched, rows = np.unique(rows, return_inverse=True)
+    n_touched = len(touched)
+    all_rows = np.concatenate([np.repeat(np.arange(n_touched), k), rows])
+    all_values = np.concatenate([best_values[touched].ravel(), values])
+    all_indices = np.concatenate([best_indices[touched].ravel(), indices])
+    order = np.lexsort((all_indices, all_values, all_rows))
+    counts = np.bincount(all_rows, minlength=n_touched)
+    starts = np.cumsum(counts) - counts
+    keep = order[starts[:, None] + np.arange(k)]
+    best_values[touched] = all_values[keep]
+    best_indices[touched] = all_indices[keep]
+
+
+def _select_1d(best, acc, offset, k):
+    """Update one query's running top-k ``best = (values, indices)`` with the
+    block ``acc`` of distances of items ``offset, offset + 1, ...``."""
+    best_values, best_indices = best
+    if len(best_values) < k:
+        # Not k candidates yet: keep the block's k best and their ties.
+        kk = min(k, len(acc))
+        kth = np.partition(acc, kk - 1)[kk - 1]
+        cand = np.flatnonzero(acc <= kth)
+    else:
+        # Strictly below the current k-th value: items scanned later lose ties.
+        cand = np.flatnonzero(acc < best_values[k - 1])
+        if not cand.size:
+            return best
+    values = np.concatenate([best_values, acc[cand]])
+    indices = np.concatenate([best_indices, cand + offset])
+    order = np.lexsort((indices, values))[:k]
+    return values[order], indices[order]
+
+
+# ---------------------------------------------------------------------------
+# Kernels: each scans database items start:stop of one shard and returns the
+# top-k (values, indices) of every query, indices relative to the shard.
+def _pair_tables(tables):
+    """Per-query tables of sub-space pairs, (n_queries, M // 2, K * K) float32,
+    plus the table of the last sub-space when M is odd (or None)."""
+    n_queries, n_subspaces, n_codewords = tables.shape
+    n_pairs = n_subspaces // 2
+    pairs = tables[:, 0 : 2 * n_pairs : 2, :, None] + tables[:, 1 : 2 * n_pairs : 2, None, :]
+    pairs = pairs.reshape(n_queries, n_pairs, n_codewords * n_codewords)
+    last = tables[:, -1] if n_subspaces % 2 else None
+    return pairs, last
+
+
+def _scan_per_query(columns, extra, codes_t, start, stop, k, block):
+    """Per-query kernel: ``sum_j take(columns[q, j], codes_t[j])`` over item blocks.
+
+    ``columns`` are (n_queries, J, T) tables indexed by the J rows of ``codes_t``
+    (pair codes or plain codes); ``extra`` is an optional (n_queries, K) table
+    for ``codes_t[J]`` (odd M, pair codes given together with it).
+    """
+    codes_main, codes_extra = codes_t
+    n_queries, n_columns, _ = columns.shape
+    k = min(k, stop - start)
+    block = max(1, min(block, stop - start))
+    acc_buf = np.empty(block, dtype=np.float32)
+    tmp_buf = np.empty(block, dtype=np.float32)
+    out_values = np.empty((n_queries, k), dtype=np.float32)
+    out_indices = np.empty((n_queries, k), dtype=np.intp)
+    for q in range(n_queries):
+        table = columns[q]
+        best = (np.empty(0, dtype=np.float32), np.empty(0, dtype=np.intp))
+        for i0 in range(start, stop, block):
+            i1 = min(i0 + block, stop)
+            acc = acc_buf[: i1 - i0]
+            tmp = tmp_buf[: i1 - i0]
+            np.take(table[0], codes_main[0, i0:i1], out=acc, mode="clip")
+            for j in range(1, n_columns):
+                np.take(table[j], codes_main[j, i0:i1], out=tmp, mode="clip")
                 acc += tmp
-            v, i = _block_topk(acc, min(k, i1 - i0), i0)
-            cand_values.append(v)
-            cand_indices.append(i)
-        if len(cand_values) == 1:
-            v, i = cand_values[0], cand_indices[0]
-        else:
-            v, i = _merge_topk(np.hstack(cand_values), np.hstack(cand_indices), k)
-        best_values[q0:q1] = v
-        best_indices[q0:q1] = i
+            if extra is not None:
+                np.take(extra[q], codes_extra[i0:i1], out=tmp, mode="clip")
+                acc += tmp
+            best = _select_1d(best, acc, i0 - start, k)
+        out_values[q], out_indices[q] = best
+    return out_values, out_indices
+
+
+def _torch_embedding_bag():
+    """``torch.nn.functional.embedding_bag`` when torch is importable, else None."""
+    if "torch" not in sys.modules and importlib.util.find_spec("torch") is None:
+        return None
+    try:
+        import torch.nn.functional as F
+    except ImportError:  # pragma: no cover - broken torch install
+        return None
+    return F.embedding_bag
+
+
+def _scan_batch(tables_t, codes_t, start, stop, k, item_block, use_torch):
+    """Database-major batch kernel over items ``start:stop``.
+
+    ``tables_t`` is (n_query_blocks, M, K, Qb): for each block of queries and
+    each sub-space, the table rows of code ``b`` for all the block's queries are
+    contiguous, so gathering ``tables_t[., m][codes]`` builds the (items,
+    queries) distance block one cache line per code. Each database block is
+    read once for all query blocks.
+    """
+    n_qblocks, n_subspaces, n_codewords, qb = tables_t.shape
+    n_queries = n_qblocks * qb
+    k = min(k, stop - start)
+    best_values, best_indices = _empty_best(n_queries, k)
+    filled = 0  # items scanned so far: thresholds are valid once filled >= k
+    if use_torch:
+        import torch
+
+        embedding_bag = _torch_embedding_bag()
+        weights = [
+            torch.from_numpy(tables_t[b].reshape(n_subspaces * n_codewords, qb))
+            for b in range(n_qblocks)
+        ]
+        offsets = (np.arange(n_subspaces, dtype=np.int32) * n_codewords)[None, :]
+        index_buf = np.empty((item_block, n_subspaces), dtype=np.int32)
+    else:
+        acc_buf = np.empty((item_block, qb), dtype=np.float32)
+        tmp_buf = np.empty((item_block, qb), dtype=np.float32)
+
+    for i0 in range(start, stop, item_block):
+        i1 = min(i0 + item_block, stop)
+        n = i1 - i0
+        if use_torch:
+            index = index_buf[:n]
+            np.add(codes_t[:, i0:i1].T, offsets, out=index, dtype=np.int32)
+            index_t = torch.from_numpy(index)
+        for b in range(n_qblocks):
+            if use_torch:
+                acc = embedding_bag(index_t, weights[b], mode="sum").numpy()
+            else:
+                acc = acc_buf[:n]
+                tmp = tmp_buf[:n]
+                np.take(tables_t[b, 0], codes_t[0, i0:i1], axis=0, out=acc, mode="clip")
+                for m in range(1, n_subspaces):
+                    np.take(tables_t[b, m], codes_t[m, i0:i1], axis=0, out=tmp, mode="clip")
+                    acc += tmp
+            q0 = b * qb
+            if filled < k:
+                values, cols = _block_topk(acc.T, min(k, n), i0 - start)
+                rows = np.repeat(np.arange(q0, q0 + qb), values.shape[1])
+                _merge_into(best_values, best_indices, rows, values.ravel(), cols.ravel())
+                continue
+            hits = np.flatnonzero(acc < best_values[q0 : q0 + qb, k - 1])
+            if hits.size:
+                items, queries = np.divmod(hits, qb)
+                _merge_into(
+                    best_values, best_indices, queries + q0,
+                    acc.ravel()[hits], items + (i0 - start),
+                )
+        filled += n
     return best_values, best_indices
 
 
-def aqd_search(tables, codes, n_neighbors, *, n_jobs=None):
+# ---------------------------------------------------------------------------
+# Dispatch
+def _thread_pool():
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 1, thread_name_prefix="skquant-search"
+            )
+        return _POOL
+
+
+def _run_shards(func, shards, args_of):
+    """Run ``func(*args_of(shard))`` for each shard; [results] in shard order.
+
+    The local (loky/threading/multiprocessing/sequential) joblib backends get a
+    persistent thread pool: the kernels release the GIL, and a joblib dispatch
+    costs milliseconds, more than a whole single-query scan. Other backends
+    (dask, ray, ...) receive the shards through joblib.
+    """
+    if len(shards) == 1:
+        return [func(*args_of(shards[0]))]
+    backend, _ = get_active_backend()
+    local = type(backend).__name__ in {
+        "LokyBackend", "ThreadingBackend", "MultiprocessingBackend", "SequentialBackend"
+    }
+    if local:
+        futures = [_thread_pool().submit(func, *args_of(s)) for s in shards]
+        return [f.result() for f in futures]
+    return Parallel(n_jobs=len(shards), prefer="threads")(
+        delayed(func)(*args_of(s)) for s in shards
+    )
+
+
+def _choose_kernel(n_queries, n_codewords, kernel):
+    if kernel != "auto":
+        return kernel
+    if n_queries < _BATCH_MIN_QUERIES:
+        return "pairs" if n_codewords <= _MAX_PAIR_CODEWORDS else "columns"
+    return "torch" if _torch_embedding_bag() is not None else "numpy"
+
+
+def aqd_search(tables, codes, n_neighbors, *, n_jobs=None, layout=None, kernel="auto"):
     """Exhaustive AQD search: the ``n_neighbors`` smallest table sums per query.
 
     Parameters
@@ -202,14 +530,21 @@ def aqd_search(tables, codes, n_neighbors, *, n_jobs=None):
     n_neighbors : int
         Number of results per query, ``1 <= n_neighbors <= n_items``.
     n_jobs : int, default=None
-        Number of database shards searched in parallel with joblib (threads by
-        default; any joblib backend, e.g. dask, can run them). ``None`` means 1
-        unless in a :func:`joblib.parallel_config` context; ``-1`` all cores.
+        Number of database shards searched in parallel (threads). ``None``
+        means 1 unless in a :func:`joblib.parallel_config` context; ``-1`` all
+        cores. Under a non-local joblib backend (dask, ray), the shards are
+        dispatched through joblib.
+    layout : CodeLayout, default=None
+        Cached derived layouts of ``codes`` (e.g. pair codes); used only when
+        ``layout.matches(codes)``. Estimators keep one across calls.
+    kernel : {"auto", "pairs", "columns", "numpy", "torch"}, default="auto"
+        Scan kernel; "auto" picks by batch size (benchmarks and tests force
+        the others). "pairs" needs ``n_codewords <= 256``.
 
     Returns
     -------
-    values : ndarray of shape (n_queries, n_neighbors), float32
-        Table sums, ascending.
+    values : ndarray of shape (n_queries, n_neighbors), float64
+        Table sums (recomputed in float64 for the selected items), ascending.
     indices : ndarray of shape (n_queries, n_neighbors), intp
         Database indices; equal values are ordered by lower index.
 
@@ -220,7 +555,7 @@ def aqd_search(tables, codes, n_neighbors, *, n_jobs=None):
     >>> tables = np.array([[[0., 1.], [5., 2.]]], dtype=np.float32)  # 1 query, M=2, K=2
     >>> codes = np.array([[0, 0], [1, 1], [0, 1]], dtype=np.uint8)
     >>> aqd_search(tables, codes, 2)
-    (array([[2., 3.]], dtype=float32), array([[2, 1]]))
+    (array([[2., 3.]]), array([[2, 1]]))
     """
     tables = np.asarray(tables, dtype=np.float32)
     codes = np.asarray(codes)
@@ -235,26 +570,60 @@ def aqd_search(tables, codes, n_neighbors, *, n_jobs=None):
             f"Expected 1 <= n_neighbors <= n_items, got n_neighbors={n_neighbors} "
             f"and n_items={n_items}."
         )
-    codes_t = codes.T  # (M, N); C-contiguous when codes is Fortran-ordered
-    if not codes_t.flags.c_contiguous:
-        codes_t = np.ascontiguousarray(codes_t)
+    if layout is None or not layout.matches(codes):
+        layout = CodeLayout(codes)
+    n_queries, n_subspaces, n_codewords = tables.shape
     working_memory = get_config()["working_memory"]
-
-    n_shards = min(effective_n_jobs(n_jobs), n_items)
-    if n_shards == 1:
-        return _scan_shard(tables, codes_t, 0, n_items, n_neighbors, working_memory)
+    budget = max(1, int(working_memory * 2**20))
+    kernel = _choose_kernel(n_queries, n_codewords, kernel)
+    n_shards = max(1, min(effective_n_jobs(n_jobs), n_items))
     shards = list(gen_even_slices(n_items, n_shards))
-    results = Parallel(n_jobs=n_shards, prefer="threads")(
-        delayed(_scan_shard)(
-            tables,
-            codes_t[:, s],  # ship only the shard's codes to remote backends
-            0,
-            s.stop - s.start,
-            n_neighbors,
-            working_memory,
+
+    if kernel in ("pairs", "columns"):
+        if kernel == "pairs" and n_subspaces >= 2:
+            columns, extra = _pair_tables(tables)
+            codes_main = layout.pair_codes(n_codewords)
+            codes_extra = layout.codes_t[-1] if extra is not None else None
+        else:
+            columns, extra = tables, None
+            codes_main, codes_extra = layout.codes_t, None
+        # Two float32 buffers per job.
+        block = max(1, min(_SINGLE_BLOCK, budget // 8))
+
+        def args_of(s):
+            extra_s = None if codes_extra is None else codes_extra[s]
+            # Slicing the shard's codes ships only those to remote backends.
+            return (columns, extra, (codes_main[:, s], extra_s), 0, s.stop - s.start,
+                    n_neighbors, block)
+
+        results = _run_shards(_scan_per_query, shards, args_of)
+    elif kernel in ("numpy", "torch"):
+        qb = min(n_queries, _QUERY_BLOCK)
+        n_qblocks = -(-n_queries // qb)
+        # (n_qblocks, M, K, qb): padded queries (zero tables) are dropped below.
+        padded = np.zeros((n_qblocks * qb, n_subspaces, n_codewords), dtype=np.float32)
+        padded[:n_queries] = tables
+        tables_t = np.ascontiguousarray(
+            padded.reshape(n_qblocks, qb, n_subspaces, n_codewords).transpose(0, 2, 3, 1)
         )
-        for s in shards
-    )
-    values = np.hstack([v for v, _ in results])
-    indices = np.hstack([i + s.start for (_, i), s in zip(results, shards)])
-    return _merge_topk(values, indices, n_neighbors)
+        budget_pairs = budget // _BYTES_PER_PAIR
+        item_block = max(1, min(budget_pairs, _CACHE_PAIRS) // qb)
+        use_torch = kernel == "torch"
+        codes_t = layout.codes_t
+
+        def args_of(s):
+            return (tables_t, codes_t[:, s], 0, s.stop - s.start, n_neighbors,
+                    min(item_block, s.stop - s.start), use_torch)
+
+        results = _run_shards(_scan_batch, shards, args_of)
+        results = [(v[:n_queries], i[:n_queries]) for v, i in results]
+    else:
+        raise ValueError(f"Unknown kernel {kernel!r}.")
+
+    if len(results) == 1:
+        indices = results[0][1]
+    else:
+        values = np.hstack([v for v, _ in results])
+        indices = np.hstack([i + s.start for (_, i), s in zip(results, shards)])
+        indices = _merge_topk(values, indices, n_neighbors)[1]
+    return _refine(tables, layout.codes, indices)
