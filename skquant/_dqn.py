@@ -95,7 +95,7 @@ class DeepQuantizer(BaseQuantizer):
         Pairwise similarity loss: DQN's ``(s_ij - cos(z_i, z_j))^2``, or the
         ``(s_ij - <z_i, z_j> / D)^2`` loss of earlier work (the paper's DQN_ip
         ablation).
-    quantization_weight : float, default=0.1
+    quantization_weight : float, default=0.01
         Weight ``lambda`` of the quantization loss (mean over the batch of
         ``||z - C h||^2``) relative to the similarity loss (mean over the
         batch's pairs). The paper's code uses 1e-4 with a 300-d AlexNet
@@ -122,7 +122,7 @@ class DeepQuantizer(BaseQuantizer):
         per-layer rates do; ``0`` freezes it. ``None`` uses ``learning_rate``.
     weight_decay : float, default=1e-4
         L2 penalty on the network's weights.
-    dropout : float, default=0.1
+    dropout : float, default=0.0
         Dropout probability after each hidden layer of the default MLP.
     device : str or torch.device, default="auto"
         ``"auto"`` trains on the GPU when CUDA is available, else the CPU;
@@ -242,7 +242,7 @@ class DeepQuantizer(BaseQuantizer):
         hidden_layer_sizes=(256,),
         input_shape=None,
         loss="cosine",
-        quantization_weight=0.1,
+        quantization_weight=0.01,
         joint=True,
         max_epochs=60,
         warmup_epochs=10,
@@ -251,7 +251,7 @@ class DeepQuantizer(BaseQuantizer):
         learning_rate=1e-3,
         backbone_learning_rate=None,
         weight_decay=1e-4,
-        dropout=0.1,
+        dropout=0.0,
         device="auto",
         random_state=None,
         verbose=0,

@@ -561,8 +561,9 @@ def prepare_labels(y, *, estimator_name="estimator"):
     """
     if y is None:
         raise ValueError(
-            f"{estimator_name} is supervised: fit requires y (class labels or a "
-            "multi-label indicator matrix)."
+            f"{estimator_name} requires y to be passed, but the target y is None: "
+            "it is supervised and learns from class labels or a multi-label "
+            "indicator matrix."
         )
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:

@@ -169,7 +169,7 @@ def test_prepare_labels():
     assert_array_equal(prepare_labels(np.array(["b", "a", "b"])).numpy(), [1, 0, 1])
     with pytest.raises(ValueError, match="at least 2 classes"):
         prepare_labels(np.zeros(5))
-    with pytest.raises(ValueError, match="requires y"):
+    with pytest.raises(ValueError, match="requires y to be passed"):
         prepare_labels(None)
     with pytest.warns(UserWarning, match="unique"):
         prepare_labels(np.arange(4))
@@ -294,7 +294,7 @@ def _toy_problem(seed=0, epochs=5, **kwargs):
         def batch_loss(idx):
             z = net(Xt[idx])
             loss = pairwise_cosine_loss(z, label_similarity(labels[idx]))
-            return loss, {"similarity": float(loss)}
+            return loss, {"similarity": float(loss.detach())}
 
         history = []
         n = train_epochs(net, opt, len(X), batch_loss, max_epochs=epochs,
