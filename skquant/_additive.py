@@ -207,9 +207,7 @@ def codes_to_onehot(codes, n_codewords):
     n, M = codes.shape
     cols = (codes + _offsets(M, n_codewords)).ravel()
     indptr = np.arange(0, n * M + 1, M)
-    return sp.csr_array(
-        (np.ones(n * M), cols, indptr), shape=(n, M * n_codewords)
-    )
+    return sp.csr_array((np.ones(n * M), cols, indptr), shape=(n, M * n_codewords))
 
 
 # --------------------------------------------------------------------------
@@ -505,10 +503,7 @@ def _solve_normal(A, rhs, ridge):
 def _ls_objective(BtB, BtT, tt, Cf, ridge):
     # ||T - B C||^2 + ridge ||C||^2 from the normal-equation pieces.
     return float(
-        tt
-        - 2.0 * np.sum(BtT * Cf)
-        + np.sum(Cf * (BtB @ Cf))
-        + ridge * np.sum(Cf * Cf)
+        tt - 2.0 * np.sum(BtT * Cf) + np.sum(Cf * (BtB @ Cf)) + ridge * np.sum(Cf * Cf)
     )
 
 

@@ -331,7 +331,8 @@ class SphericalQuantizer(BaseQuantizer):
         device = resolve_device(self.device)
         seed = torch_seed(self.random_state)
         rng = check_random_state(seed)
-        X = np.ascontiguousarray(X, dtype=np.float32)
+        # Writeable: torch warns when wrapping read-only memory (joblib memmaps).
+        X = np.require(X, np.float32, ["C", "W"])
         X_t = torch.from_numpy(X)
         lam1 = float(self.quantization_weight)
         lam2 = float(self.center_weight)
@@ -348,7 +349,9 @@ class SphericalQuantizer(BaseQuantizer):
                 input_shape=self.input_shape,
                 output="l2",
             )
-            classifier = CosineClassifier(self.embedding_dim, n_classes, self.softmax_scale)
+            classifier = CosineClassifier(
+                self.embedding_dim, n_classes, self.softmax_scale
+            )
         network.to(device)
         classifier.to(device)
         optimizer = make_optimizer(
@@ -371,8 +374,12 @@ class SphericalQuantizer(BaseQuantizer):
 
         def encode_train(T, C, init):
             return encode_icm(
-                T, C, n_sweeps=self.n_icm_sweeps, init_codes=init,
-                beam_width=self.beam_width, random_state=rng,
+                T,
+                C,
+                n_sweeps=self.n_icm_sweeps,
+                init_codes=init,
+                beam_width=self.beam_width,
+                random_state=rng,
             )
 
         def update_quantizer():
@@ -392,7 +399,9 @@ class SphericalQuantizer(BaseQuantizer):
                 # Warm start: per point, the better of the previous codes and
                 # a fresh residual encoding, then ICM.
                 fresh = encode_beam(T, C, beam_width=self.beam_width)
-                keep = quantization_error(T, codes, C) <= quantization_error(T, fresh, C)
+                keep = quantization_error(T, codes, C) <= quantization_error(
+                    T, fresh, C
+                )
                 codes = encode_train(T, C, np.where(keep[:, None], codes, fresh))
             C = update_codebooks(T, codes, K, previous=C, sparsity=s)
             codes = encode_train(T, C, codes)
@@ -400,12 +409,16 @@ class SphericalQuantizer(BaseQuantizer):
             centers = A @ phi
             state.update(codebooks=C, codes=codes, phi=phi)
             state["recon"] = torch.as_tensor(recon, dtype=torch.float32, device=device)
-            state["centers"] = torch.as_tensor(centers, dtype=torch.float32, device=device)
+            state["centers"] = torch.as_tensor(
+                centers, dtype=torch.float32, device=device
+            )
             return {
                 "quantization_error": float(np.mean(np.sum((Z - recon) ** 2, axis=1))),
                 "discriminative": float(
                     np.mean(np.sum((centers - recon) ** 2, axis=1)[has_label])
-                ) if has_label.any() else 0.0,
+                )
+                if has_label.any()
+                else 0.0,
             }
 
         def on_epoch_begin(epoch):
@@ -473,8 +486,11 @@ class SphericalQuantizer(BaseQuantizer):
 
     def _encode_embedding(self, Z):
         codes = encode_icm(
-            Z, self.codebooks_, n_sweeps=self.n_icm_sweeps,
-            beam_width=self.beam_width, random_state=_ENCODE_SEED,
+            Z,
+            self.codebooks_,
+            n_sweeps=self.n_icm_sweeps,
+            beam_width=self.beam_width,
+            random_state=_ENCODE_SEED,
         )
         return codes.astype(np.uint8 if self.n_codewords <= 256 else np.uint16)
 

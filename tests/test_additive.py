@@ -75,7 +75,12 @@ def test_icm_beats_greedy_and_never_worse_than_init(data, method):
     greedy = encode_beam(X, C)
     err_greedy = quantization_error(X, greedy, C)
     codes, hist = encode_icm(
-        X, C, n_sweeps=4, init_codes=greedy, random_state=0, return_history=True,
+        X,
+        C,
+        n_sweeps=4,
+        init_codes=greedy,
+        random_state=0,
+        return_history=True,
         method=method,
     )
     err_icm = quantization_error(X, codes, C)
