@@ -1,0 +1,86 @@
+"""Persistence: pickles round-trip exactly and record the skquant version."""
+
+import pickle
+import warnings
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.exceptions import InconsistentVersionWarning as SklearnVersionWarning
+
+import skquant
+from skquant import (
+    DeepQuantizer,
+    InconsistentVersionWarning,
+    ProductQuantizer,
+    QuantizedKNeighborsTransformer,
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    return X[:400], y[:400]
+
+
+def _estimators():
+    return [
+        ProductQuantizer(n_subspaces=4, n_codewords=16, random_state=0),
+        ProductQuantizer(n_subspaces=4, n_codewords=16, rotation=True, n_rotation_iter=2, random_state=0),
+        DeepQuantizer(
+            n_subspaces=2, n_codewords=8, embedding_dim=8, hidden_layer_sizes=(16,),
+            max_epochs=2, warmup_epochs=1, device="cpu", random_state=0,
+        ),
+        QuantizedKNeighborsTransformer(ProductQuantizer(4, 16, random_state=0), n_neighbors=3),
+    ]
+
+
+def _outputs(est, X):
+    if isinstance(est, QuantizedKNeighborsTransformer):
+        return [est.transform(X).toarray()]
+    return [est.transform(X), est.encode(X), *est.kneighbors(X, n_neighbors=4)]
+
+
+@pytest.mark.parametrize("est", _estimators(), ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("dump", ["pickle", "joblib"])
+def test_round_trip_is_exact(est, dump, digits, tmp_path):
+    X, y = digits
+    est.fit(X, y)
+    if dump == "pickle":
+        loaded = pickle.loads(pickle.dumps(est))
+    else:
+        joblib.dump(est, tmp_path / "model.joblib")
+        loaded = joblib.load(tmp_path / "model.joblib")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same version: no warning
+        loaded = pickle.loads(pickle.dumps(loaded))
+    assert "_skquant_version" not in vars(loaded) and "_skquant_version" not in vars(est)
+    for a, b in zip(_outputs(est, X[:50]), _outputs(loaded, X[:50]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("est", _estimators(), ids=lambda e: type(e).__name__)
+def test_pickle_records_version_and_warns_on_mismatch(est, digits):
+    X, y = digits
+    est.fit(X, y)
+    state = est.__getstate__()
+    assert state["_skquant_version"] == skquant.__version__
+    state["_skquant_version"] = "0.0.1"
+    clone = type(est).__new__(type(est))
+    with pytest.warns(InconsistentVersionWarning, match="from skquant version 0.0.1") as record:
+        clone.__setstate__(state)
+    warning = record[0].message
+    assert isinstance(warning, SklearnVersionWarning)  # sklearn's filters apply too
+    assert warning.original_skquant_version == "0.0.1"
+    assert warning.current_skquant_version == skquant.__version__
+    np.testing.assert_array_equal(_outputs(clone, X[:20])[0], _outputs(est, X[:20])[0])
+
+
+def test_pickle_without_version_warns(digits):
+    X, y = digits
+    est = ProductQuantizer(4, 16, random_state=0).fit(X)
+    state = dict(est.__dict__)  # what an old pickle held
+    clone = ProductQuantizer.__new__(ProductQuantizer)
+    with pytest.warns(InconsistentVersionWarning, match="version unknown"):
+        clone.__setstate__(state)
