@@ -52,6 +52,24 @@ def _check_labels(y, n_samples):
     return y
 
 
+def _check_float32_range(X):
+    """Refuse finite float64 values that overflow float32.
+
+    Embeddings, codebooks and lookup tables are float32: a value beyond
+    ~3.4e38 would silently become inf, then NaN tables and garbage codes.
+    """
+    if X.dtype == np.float64 and X.size:
+        limit = np.finfo(np.float32).max
+        largest = max(-X.min(), X.max())
+        if largest > limit:
+            raise ValueError(
+                f"X contains values of magnitude up to {largest:.3g}, beyond the "
+                f"float32 range (+-{limit:.3g}): skquant computes in float32. "
+                "Rescale X, e.g. with sklearn.preprocessing.StandardScaler."
+            )
+    return X
+
+
 class InconsistentVersionWarning(_SklearnVersionWarning):
     """Warning raised when an estimator is unpickled under another skquant version.
 
@@ -240,13 +258,16 @@ class BaseQuantizer(
     def _validate_input(self, X, y, *, reset):
         tags = self.__sklearn_tags__()
         if y is None:
-            X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
+            X = _check_float32_range(
+                validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
+            )
             if reset and tags.target_tags.required:  # pragma: no cover - validate_data raises
                 raise ValueError(f"{type(self).__name__} requires y.")
             return X, None
         X = validate_data(
             self, X, reset=reset, dtype=[np.float64, np.float32], ensure_min_samples=1
         )
+        X = _check_float32_range(X)
         return X, _check_labels(y, X.shape[0])
 
     def _set_index(self, codes, y):
@@ -334,7 +355,9 @@ class BaseQuantizer(
             The learned embedding (the input itself for :class:`ProductQuantizer`).
         """
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        X = _check_float32_range(
+            validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        )
         return np.asarray(self._embed(X), dtype=np.float32)
 
     def encode(self, X):
@@ -351,7 +374,9 @@ class BaseQuantizer(
             uint8 when ``n_codewords <= 256``, else uint16.
         """
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        X = _check_float32_range(
+            validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        )
         return self._encode_rows(X)
 
     def decode(self, codes):
@@ -485,7 +510,9 @@ class BaseQuantizer(
             # returned, which is removed later.
             n_neighbors += 1
         else:
-            X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+            X = _check_float32_range(
+                validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+            )
             n_queries = X.shape[0]
 
         n_samples_fit = self.n_samples_fit_

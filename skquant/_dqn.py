@@ -307,7 +307,8 @@ class DeepQuantizer(BaseQuantizer):
         weight = float(self.quantization_weight) if self.joint else 0.0
         M, K = self.n_subspaces, self.n_codewords
 
-        X_tensor = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+        # Writeable: torch warns when wrapping read-only memory (joblib memmaps).
+        X_tensor = torch.from_numpy(np.require(X, np.float32, ["C", "W"]))
         labels = labels.to(device)
         history = []
         state = {"codebooks": None, "target": None}

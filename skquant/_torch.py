@@ -458,7 +458,8 @@ def build_embedding_network(
     )
     # Infer the backbone's flattened output width with a dry run on real rows
     # (eval mode: no dropout, no BatchNorm statistics update).
-    sample = torch.as_tensor(np.asarray(X[:2], dtype=np.float32))
+    # A copy: torch warns when wrapping read-only memory (joblib memmaps).
+    sample = torch.as_tensor(np.array(X[:2], dtype=np.float32))
     was_training = body.training
     body.eval()
     try:
@@ -671,7 +672,12 @@ def embed(module, X, device, batch_size=256):
     try:
         with torch.inference_mode():
             for start in range(0, X.shape[0], max(int(batch_size), 1)):
-                xb = torch.from_numpy(X[start : start + batch_size]).to(device)
+                chunk = X[start : start + batch_size]
+                # torch cannot wrap read-only memory (e.g. joblib memmaps)
+                # without a warning: copy such a batch.
+                if not chunk.flags.writeable:
+                    chunk = chunk.copy()
+                xb = torch.from_numpy(chunk).to(device)
                 out = module(xb)
                 chunks.append(out.to("cpu", torch.float32).numpy())
     except torch.cuda.OutOfMemoryError as exc:
