@@ -57,8 +57,9 @@ __all__ = [
 ]
 
 # Bytes of scratch memory per (query, database item) pair in a batch block: the
-# float32 accumulator, the float32 term being added and the comparison mask.
-_BYTES_PER_PAIR = 4 + 4 + 1
+# float32 accumulator and term being added, and for the first block's top-k a
+# float32 partitioned copy and a boolean mask.
+_BYTES_PER_PAIR = 4 + 4 + 4 + 1
 # Batch blocks of about 2**20 pairs (4 MiB of float32 accumulator) stay in
 # cache; larger blocks measured 20-60 % slower (shared/research/perf.md).
 _CACHE_PAIRS = 2**20
@@ -209,8 +210,9 @@ class CodeLayout:
         with self._lock:
             if self._ivf is None or self._ivf[0] is not centroids:
                 if self._seed is not None and self._seed[0] is centroids:
-                    known = self._seed[1]
-                    cells = np.concatenate([known, assign(self.codes[len(known):])])
+                    cells = self._seed[1]
+                    if len(cells) < len(self.codes):
+                        cells = np.concatenate([cells, assign(self.codes[len(cells):])])
                 else:
                     cells = assign(self.codes)
                 self._ivf = (centroids, InvertedLists(self.codes, cells, len(centroids)))
@@ -587,8 +589,9 @@ def aqd_search(tables, codes, n_neighbors, *, n_jobs=None, layout=None, kernel="
         else:
             columns, extra = tables, None
             codes_main, codes_extra = layout.codes_t, None
-        # Two float32 buffers per job.
-        block = max(1, min(_SINGLE_BLOCK, budget // 8))
+        # Per item of a block: two float32 buffers, and for the first block's
+        # top-k a partitioned copy and a mask (as in the batch kernel).
+        block = max(1, min(_SINGLE_BLOCK, budget // _BYTES_PER_PAIR))
 
         def args_of(s):
             extra_s = None if codes_extra is None else codes_extra[s]
@@ -601,11 +604,10 @@ def aqd_search(tables, codes, n_neighbors, *, n_jobs=None, layout=None, kernel="
         qb = min(n_queries, _QUERY_BLOCK)
         n_qblocks = -(-n_queries // qb)
         # (n_qblocks, M, K, qb): padded queries (zero tables) are dropped below.
-        padded = np.zeros((n_qblocks * qb, n_subspaces, n_codewords), dtype=np.float32)
-        padded[:n_queries] = tables
-        tables_t = np.ascontiguousarray(
-            padded.reshape(n_qblocks, qb, n_subspaces, n_codewords).transpose(0, 2, 3, 1)
-        )
+        tables_t = np.zeros((n_qblocks, n_subspaces, n_codewords, qb), dtype=np.float32)
+        for b in range(n_qblocks):
+            block = tables[b * qb : (b + 1) * qb]
+            tables_t[b, :, :, : len(block)] = block.transpose(1, 2, 0)
         budget_pairs = budget // _BYTES_PER_PAIR
         item_block = max(1, min(budget_pairs, _CACHE_PAIRS) // qb)
         use_torch = kernel == "torch"

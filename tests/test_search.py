@@ -119,3 +119,176 @@ def test_bad_arguments():
         aqd_search(tables, codes, 0)
     with pytest.raises(ValueError, match="shape"):
         aqd_search(tables, codes[:, :1], 1)
+
+
+# ---------------------------------------------------------------------------
+# Kernels, layouts and dispatch (issue 6)
+import pickle  # noqa: E402
+import tracemalloc  # noqa: E402
+
+from joblib import parallel_config, register_parallel_backend  # noqa: E402
+from joblib._parallel_backends import ThreadingBackend  # noqa: E402
+
+from skquant import _search  # noqa: E402
+from skquant._search import CodeLayout  # noqa: E402
+
+KERNELS = ["pairs", "columns", "numpy", "torch"]
+
+
+def _integer_problem(rng, n_queries, n_items, M, K, high=3):
+    """Integer tables: float32 sums are exact, ties are everywhere."""
+    tables = rng.integers(0, high, size=(n_queries, M, K)).astype(np.float32)
+    codes = rng.integers(0, K, size=(n_items, M)).astype(np.uint8 if K <= 256 else np.uint16)
+    sums = tables[:, np.arange(M), codes].sum(-1)
+    return tables, codes, sums
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("M", [1, 3, 4])
+@pytest.mark.parametrize("n_queries", [1, 5, 70])
+@pytest.mark.parametrize("n_jobs", [None, 2])
+def test_every_kernel_equals_stable_reference(kernel, M, n_queries, n_jobs):
+    rng = np.random.default_rng(10 + M + n_queries)
+    tables, codes, sums = _integer_problem(rng, n_queries, 537, M, 16)
+    for k, working_memory in [(1, 1024), (7, 1024), (7, 0.0005), (40, 0.002)]:
+        with config_context(working_memory=working_memory):
+            values, indices = aqd_search(tables, codes, k, n_jobs=n_jobs, kernel=kernel)
+        ref_values, ref_indices = _reference_topk(sums, k)
+        np.testing.assert_array_equal(indices, ref_indices)
+        np.testing.assert_array_equal(values, ref_values)
+
+
+@pytest.mark.parametrize("kernel", ["columns", "numpy", "torch"])
+def test_wide_codes_every_kernel(kernel):
+    rng = np.random.default_rng(11)
+    tables, codes, sums = _integer_problem(rng, 20, 800, 2, 300, high=50)
+    _, indices = aqd_search(tables, codes, 6, n_jobs=2, kernel=kernel)
+    np.testing.assert_array_equal(indices, _reference_topk(sums, 6)[1])
+
+
+def test_auto_picks_pairs_for_wide_codes_only_when_they_fit():
+    assert _search._choose_kernel(1, 256, "auto") == "pairs"
+    assert _search._choose_kernel(1, 300, "auto") == "columns"
+    assert _search._choose_kernel(500, 256, "auto") in ("numpy", "torch")
+
+
+def test_kernels_agree_bitwise_on_float_data():
+    # The selected items' values are recomputed in one fixed way, so batch
+    # size, kernel and sharding cannot change a single bit of the result.
+    rng = np.random.default_rng(12)
+    codebooks, codes, queries, _ = _random_product_problem(rng, 40, 3000, M=6, K=32)
+    tables = euclidean_tables(queries, codebooks)
+    results = [aqd_search(tables, codes, 9, kernel=kernel, n_jobs=n_jobs)
+               for kernel in KERNELS for n_jobs in (None, 2)]
+    for values, indices in results[1:]:
+        np.testing.assert_array_equal(values, results[0][0])
+        np.testing.assert_array_equal(indices, results[0][1])
+
+
+def test_descending_database_keeps_moving_the_threshold():
+    # Every block beats the previous one: the running threshold is replaced
+    # again and again, the worst case of the threshold selector.
+    n, M, K = 5000, 2, 256
+    codes = np.zeros((n, M), dtype=np.uint8)
+    codes[:, 0] = np.arange(n)[::-1] * 256 // n
+    codes[:, 1] = np.arange(n)[::-1] % 256
+    tables = np.stack([np.arange(K, dtype=np.float32) * 256, np.arange(K, dtype=np.float32)])
+    tables = np.repeat(tables[None], 3, axis=0)
+    sums = tables[:, np.arange(M), codes].sum(-1)
+    for kernel in KERNELS:
+        with config_context(working_memory=0.01):
+            _, indices = aqd_search(tables, codes, 25, kernel=kernel, n_jobs=2)
+        np.testing.assert_array_equal(indices, _reference_topk(sums, 25)[1])
+
+
+def test_without_torch_batches_use_numpy(monkeypatch):
+    monkeypatch.setattr(_search, "_torch_embedding_bag", lambda: None)
+    assert _search._choose_kernel(500, 256, "auto") == "numpy"
+    rng = np.random.default_rng(13)
+    tables, codes, sums = _integer_problem(rng, 30, 400, 4, 16)
+    _, indices = aqd_search(tables, codes, 5)
+    np.testing.assert_array_equal(indices, _reference_topk(sums, 5)[1])
+
+
+def test_engine_modules_do_not_import_torch_at_module_level():
+    # torch is only imported lazily, for large batches: the engine works (and
+    # single queries stay fast) in a process that never imports it.
+    import ast
+    import inspect
+
+    from skquant import _ivf
+
+    for module in (_search, _ivf):
+        tree = ast.parse(inspect.getsource(module))
+        imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+        names = [alias.name for node in imports for alias in node.names]
+        names += [node.module or "" for node in imports if isinstance(node, ast.ImportFrom)]
+        assert not any(name.startswith("torch") for name in names)
+
+
+def test_code_layout_cache_and_pickle():
+    rng = np.random.default_rng(14)
+    tables, codes, sums = _integer_problem(rng, 3, 300, 4, 16)
+    codes = np.asfortranarray(codes)
+    layout = CodeLayout(codes)
+    assert np.shares_memory(layout.codes_t, codes)  # a free view of F-ordered codes
+    pairs = layout.pair_codes(16)
+    assert pairs.dtype == np.uint16 and pairs.shape == (2, 300)
+    np.testing.assert_array_equal(pairs[1], codes[:, 2].astype(np.uint16) * 16 + codes[:, 3])
+    assert layout.pair_codes(16) is pairs  # cached
+    # A stale layout (other codes) is ignored, not used.
+    other = np.asfortranarray(codes[::-1])
+    _, indices = aqd_search(tables, other, 4, layout=layout)
+    np.testing.assert_array_equal(
+        indices, _reference_topk(tables[:, np.arange(4), other].sum(-1), 4)[1]
+    )
+    # Pickling keeps the codes, drops the derived arrays.
+    clone = pickle.loads(pickle.dumps(layout))
+    assert clone._pair_codes is None and clone._codes_t is None
+    np.testing.assert_array_equal(clone.codes, codes)
+    np.testing.assert_array_equal(clone.pair_codes(16), pairs)
+
+
+class _RemoteLikeBackend(ThreadingBackend):
+    """A backend the engine does not recognise as local: shards go through joblib."""
+
+
+def test_non_local_joblib_backend_receives_the_shards(monkeypatch):
+    register_parallel_backend("skquant-test", _RemoteLikeBackend)
+    calls = []
+    original = _search._thread_pool
+    monkeypatch.setattr(_search, "_thread_pool", lambda: calls.append(1) or original())
+    rng = np.random.default_rng(15)
+    tables, codes, sums = _integer_problem(rng, 20, 500, 4, 16)
+    with parallel_config(backend="skquant-test"):
+        _, indices = aqd_search(tables, codes, 5, n_jobs=3)
+    assert not calls
+    np.testing.assert_array_equal(indices, _reference_topk(sums, 5)[1])
+    aqd_search(tables, codes, 5, n_jobs=3)  # default backend: the engine's pool
+    assert calls
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_scratch_memory_stays_under_working_memory(kernel):
+    # numpy reports its allocations to tracemalloc; derived layouts are built
+    # first (they are a cache of the index, not search scratch).
+    rng = np.random.default_rng(16)
+    n_items, M, K, n_queries = 200_000, 8, 256, 64 if kernel in ("numpy", "torch") else 2
+    codes = np.asfortranarray(rng.integers(0, K, size=(n_items, M)).astype(np.uint8))
+    tables = rng.random((n_queries, M, K), dtype=np.float32)
+    layout = CodeLayout(codes)
+    layout.pair_codes(K)
+    working_memory = 1  # MiB, per job
+    with config_context(working_memory=working_memory):
+        aqd_search(tables, codes, 10, layout=layout, kernel=kernel, n_jobs=2)
+        tracemalloc.start()
+        aqd_search(tables, codes, 10, layout=layout, kernel=kernel, n_jobs=2)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    # Per job: the working-memory budget; plus the tables' transposed or
+    # pair copies (1 MiB per query at M=8, K=256 for pairs) and the results.
+    allowance = 2 * working_memory * 2**20 + 4 * tables.size
+    if kernel == "pairs":
+        allowance += n_queries * (M // 2) * K * K * 4
+    # (+1 MiB for small per-call arrays: results, candidates, index lists.)
+    assert peak < allowance + 2**20, (peak, allowance)

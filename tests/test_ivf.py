@@ -1,0 +1,213 @@
+"""Inverted-file (non-exhaustive) search: engine against a restricted brute
+force, and the estimator hook (n_lists / n_probe) against exhaustive search."""
+
+import pickle
+
+import numpy as np
+import pytest
+from sklearn import config_context
+from sklearn.datasets import make_blobs
+
+from skquant import ProductQuantizer
+from skquant._ivf import (
+    InvertedLists,
+    assign_lists,
+    coarse_scores,
+    ivf_search,
+    train_coarse_quantizer,
+)
+from skquant._search import aqd_search, inner_product_tables
+
+
+def _restricted_reference(sums, assignments, scores, n_probe, k):
+    """Stable top-k over the items of each query's probed cells, probing more
+    cells (best first) until they hold k items."""
+    n_lists = scores.shape[1]
+    sizes = np.bincount(assignments, minlength=n_lists)
+    out = []
+    for q in range(len(sums)):
+        ranked = np.argsort(scores[q], kind="stable")
+        needed = np.searchsorted(np.cumsum(sizes[ranked]), k) + 1
+        cells = ranked[: max(min(n_probe, n_lists), needed)]
+        masked = np.where(np.isin(assignments, cells), sums[q], np.inf)
+        out.append(np.argsort(masked, kind="stable")[:k])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("n_queries", [1, 3, 40])
+@pytest.mark.parametrize("n_probe", [1, 2, 5])
+@pytest.mark.parametrize("n_jobs", [None, 2])
+def test_ivf_equals_brute_force_on_probed_cells(n_queries, n_probe, n_jobs):
+    rng = np.random.default_rng(n_queries + 10 * n_probe)
+    M, K, n_items, n_lists = 3, 8, 600, 7
+    # Integer tables: exact sums and many ties, broken by the original index.
+    tables = rng.integers(0, 3, size=(n_queries, M, K)).astype(np.float32)
+    codes = rng.integers(0, K, size=(n_items, M)).astype(np.uint8)
+    assignments = rng.integers(0, n_lists, size=n_items)
+    scores = rng.normal(size=(n_queries, n_lists)).astype(np.float32)
+    ivf = InvertedLists(codes, assignments, n_lists)
+    sums = tables[:, np.arange(M), codes].sum(-1)
+    for k in (1, 10, 150):
+        values, indices = ivf_search(tables, scores, ivf, k, n_probe=n_probe, n_jobs=n_jobs)
+        expected = _restricted_reference(sums, assignments, scores, n_probe, k)
+        np.testing.assert_array_equal(indices, expected)
+        np.testing.assert_array_equal(values, np.take_along_axis(sums, expected, 1))
+
+
+@pytest.mark.parametrize("n_queries", [1, 30])
+def test_all_cells_probed_is_exhaustive_search(n_queries):
+    rng = np.random.default_rng(1)
+    M, K = 4, 16
+    tables = rng.normal(size=(n_queries, M, K)).astype(np.float32)
+    codes = rng.integers(0, K, size=(2000, M)).astype(np.uint8)
+    ivf = InvertedLists(codes, rng.integers(0, 9, size=2000), 9)
+    scores = rng.normal(size=(n_queries, 9)).astype(np.float32)
+    expected = aqd_search(tables, codes, 12)
+    for n_jobs in (None, 2):
+        got = ivf_search(tables, scores, ivf, 12, n_probe=9, n_jobs=n_jobs)
+        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_array_equal(got[0], expected[0])
+
+
+def test_small_cells_are_extended_to_k_items():
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, 4, size=(50, 2)).astype(np.uint8)
+    assignments = np.r_[np.zeros(2, int), np.ones(48, int)]  # cell 0 has 2 items
+    ivf = InvertedLists(codes, assignments, 3)  # cell 2 is empty
+    tables = rng.normal(size=(2, 2, 4)).astype(np.float32)
+    scores = np.array([[0.0, 2.0, 1.0], [0.0, 1.0, 2.0]], dtype=np.float32)
+    _, indices = ivf_search(tables, scores, ivf, 5, n_probe=1)
+    assert indices.shape == (2, 5)
+    assert np.all(np.isin(indices[:, :2], [0, 1]) | (indices >= 2)[:, :2])
+    np.testing.assert_array_equal(
+        indices, _restricted_reference(
+            tables[:, np.arange(2), codes].sum(-1), assignments, scores, 1, 5)
+    )
+
+
+def test_inner_product_tables_with_all_cells_match_exhaustive():
+    rng = np.random.default_rng(3)
+    codebooks = rng.normal(size=(3, 16, 6)).astype(np.float32)
+    codes = rng.integers(0, 16, size=(900, 3)).astype(np.uint8)
+    decoded = sum(codebooks[m][codes[:, m]] for m in range(3))
+    centroids = train_coarse_quantizer(decoded, 6, metric="inner_product", random_state=0)
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1, rtol=1e-5)
+    ivf = InvertedLists(codes, assign_lists(decoded, centroids, "inner_product"), 6)
+    queries = rng.normal(size=(8, 6)).astype(np.float32)
+    tables = inner_product_tables(queries, codebooks)
+    scores = coarse_scores(queries, centroids, "inner_product")
+    np.testing.assert_array_equal(
+        ivf_search(tables, scores, ivf, 7, n_probe=6)[1], aqd_search(tables, codes, 7)[1]
+    )
+
+
+def test_assign_lists_is_nearest_centroid_in_chunks():
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(3000, 5)).astype(np.float32)
+    centroids = rng.normal(size=(11, 5)).astype(np.float32)
+    exact = ((X[:, None, :].astype(np.float64) - centroids[None]) ** 2).sum(-1)
+    with config_context(working_memory=0.01):
+        cells = assign_lists(X, centroids)
+    chosen = np.take_along_axis(exact, cells[:, None].astype(np.intp), 1)[:, 0]
+    np.testing.assert_allclose(chosen, exact.min(axis=1), rtol=1e-4, atol=1e-4)
+
+
+def test_coarse_quantizer_size_errors():
+    with pytest.raises(ValueError, match="n_lists=10 must be between 1 and"):
+        train_coarse_quantizer(np.zeros((5, 2)), 10)
+
+
+# ---------------------------------------------------------------------------
+# Estimator hook
+@pytest.fixture(scope="module")
+def blobs():
+    X, y = make_blobs(n_samples=3000, centers=40, n_features=16, cluster_std=1.0,
+                      random_state=0)
+    return X.astype(np.float32), y
+
+
+def _pq(**params):
+    return ProductQuantizer(n_subspaces=4, n_codewords=32, random_state=0, **params)
+
+
+def test_estimator_all_cells_equals_exhaustive(blobs):
+    X, y = blobs
+    exhaustive = _pq().fit(X, y)
+    ivf = _pq(n_lists=20, n_probe=20).fit(X, y)
+    np.testing.assert_array_equal(ivf.codes_, exhaustive.codes_)
+    assert ivf.coarse_centroids_.shape == (20, 16)
+    assert exhaustive.coarse_centroids_ is None
+    for queries in (X[:1], X[:300]):
+        d1, i1 = exhaustive.kneighbors(queries, n_neighbors=10)
+        d2, i2 = ivf.kneighbors(queries, n_neighbors=10)
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(d1, d2)
+    # X=None: same semantics (self excluded), same result.
+    np.testing.assert_array_equal(
+        exhaustive.kneighbors(n_neighbors=4, return_distance=False),
+        ivf.kneighbors(n_neighbors=4, return_distance=False),
+    )
+
+
+def test_estimator_few_probes_recall_and_semantics(blobs):
+    X, y = blobs
+    exhaustive = _pq().fit(X, y)
+    ivf = _pq(n_lists=40, n_probe=3, n_jobs=2).fit(X, y)
+    queries = X[::7]
+    _, i_ex = exhaustive.kneighbors(queries, n_neighbors=10)
+    dist, ind = ivf.kneighbors(queries, n_neighbors=10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i_ex, ind)])
+    assert recall > 0.9
+    assert np.all(np.diff(dist, axis=1) >= 0)
+    # Every returned distance is the item's exact AQD (direct codes).
+    decoded = ivf.decode(ivf.codes_).astype(np.float64)
+    exact = np.sqrt(((queries[:, None, :] - decoded[ind]) ** 2).sum(-1))
+    np.testing.assert_allclose(dist, exact, rtol=1e-4, atol=1e-4)
+    # X=None never returns the item itself.
+    self_ind = ivf.kneighbors(n_neighbors=5, return_distance=False)
+    assert not np.any(self_ind == np.arange(len(X))[:, None])
+    # n_probe changes at query time; n_lists needs a refit.
+    ivf.set_params(n_probe=40)
+    np.testing.assert_array_equal(ivf.kneighbors(queries, n_neighbors=10)[1], i_ex)
+    ivf.set_params(n_lists=10)
+    with pytest.raises(ValueError, match="call fit again"):
+        ivf.kneighbors(queries)
+
+
+def test_estimator_index_add_and_pickle_reuse_cells(blobs, monkeypatch):
+    X, y = blobs
+    ivf = _pq(n_lists=16, n_probe=4).fit(X[:2000], y[:2000])
+    ivf.kneighbors(X[:2])  # builds the cells of the first 2000 items
+    assigned = []
+    original = type(ivf)._assign_cells
+    monkeypatch.setattr(
+        type(ivf), "_assign_cells",
+        lambda self, codes: assigned.append(len(codes)) or original(self, codes),
+    )
+    ivf.add(X[2000:], y[2000:])
+    _, i_added = ivf.kneighbors(X[:50], n_neighbors=8)
+    assert assigned == [1000]  # only the new items were assigned
+
+    fresh = _pq(n_lists=16, n_probe=4).fit(X[:2000], y[:2000]).index(X, y)
+    np.testing.assert_array_equal(fresh.kneighbors(X[:50], n_neighbors=8)[1], i_added)
+
+    clone = pickle.loads(pickle.dumps(ivf))
+    assigned.clear()
+    np.testing.assert_array_equal(clone.kneighbors(X[:50], n_neighbors=8)[1], i_added)
+    assert assigned == []  # cells came with the pickle
+
+    # Assigning codes_ directly rebuilds the cells from the codes.
+    ivf.codes_ = np.asfortranarray(ivf.codes_[::-1])
+    exhaustive = _pq(n_lists=16, n_probe=16).fit(X[:2000], y[:2000])
+    exhaustive.codes_ = ivf.codes_
+    exhaustive.n_samples_fit_ = ivf.n_samples_fit_ = len(X)
+    np.testing.assert_array_equal(
+        ivf.set_params(n_probe=16).kneighbors(X[:20], n_neighbors=5)[1],
+        exhaustive.kneighbors(X[:20], n_neighbors=5)[1],
+    )
+
+
+def test_estimator_n_lists_larger_than_database():
+    X = np.random.default_rng(5).normal(size=(30, 4))
+    with pytest.raises(ValueError, match="n_lists=50 must be between 1"):
+        ProductQuantizer(n_subspaces=2, n_codewords=8, n_lists=50).fit(X)
