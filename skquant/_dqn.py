@@ -309,6 +309,7 @@ class DeepQuantizer(BaseQuantizer):
 
         # Writeable: torch warns when wrapping read-only memory (joblib memmaps).
         X_tensor = torch.from_numpy(np.require(X, np.float32, ["C", "W"]))
+        X32 = X_tensor.numpy()  # float32 view: eval passes need no conversion
         labels = labels.to(device)
         history = []
         state = {"codebooks": None, "target": None}
@@ -338,7 +339,7 @@ class DeepQuantizer(BaseQuantizer):
                     return None
                 if (epoch - self.warmup_epochs) % self.codebook_update_period:
                     return None
-                Z = embed(network, X, device, self.batch_size)
+                Z = embed(network, X32, device, self.batch_size)
                 state["codebooks"] = fit_subspace_codebooks(
                     Z, M, K, init=state["codebooks"], random_state=rng
                 )
@@ -373,7 +374,7 @@ class DeepQuantizer(BaseQuantizer):
                 on_epoch_begin=refit_codebooks,
             )
             del optimizer, state["target"]
-            Z = embed(network, X, device, self.batch_size)
+            Z = embed(network, X32, device, self.batch_size)
 
         network.cpu().eval()
         self.module_ = network

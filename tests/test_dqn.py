@@ -12,6 +12,7 @@ import torch
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.base import clone
 from sklearn.datasets import load_digits
+from sklearn.model_selection import GridSearchCV
 from torch import nn
 
 from skquant import ProductQuantizer
@@ -301,3 +302,13 @@ def test_fit_does_not_warn_on_clean_data():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DeepQuantizer(**FAST).fit(X[:200], y[:200])
+
+
+def test_grid_search_tunes_with_score():
+    # score is mAP against the indexed fold, so GridSearchCV needs no scorer.
+    X, y = load_digits(return_X_y=True)
+    grid = GridSearchCV(DeepQuantizer(**FAST), {"loss": ["cosine", "inner_product"]},
+                        cv=2).fit(X[:200], y[:200])
+    assert grid.best_params_["loss"] in ("cosine", "inner_product")
+    assert 0 < grid.best_score_ <= 1
+    assert not hasattr(grid.estimator, "module_")  # clone stayed unfitted
