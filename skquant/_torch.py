@@ -655,6 +655,11 @@ def embed(module, X, device, batch_size=256):
     -------
     Z : ndarray of shape (n_samples, embedding_dim), float32
 
+    Raises
+    ------
+    FloatingPointError
+        When an embedding is NaN or infinite (a diverged network).
+
     Examples
     --------
     >>> net = torch.nn.Linear(3, 2)
@@ -687,7 +692,16 @@ def embed(module, X, device, batch_size=256):
         module.to(original_device)
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
-    return np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
+    Z = np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
+    if not np.isfinite(Z).all():
+        # Otherwise k-means, the encoders or the search fail later with an
+        # error about their own input.
+        raise FloatingPointError(
+            "The network produced non-finite embeddings (NaN or inf). During "
+            "fit this means the optimisation diverged: use a smaller "
+            "learning_rate. Also check X for extreme values."
+        )
+    return Z
 
 
 def _oom_error(exc, batch_size):
