@@ -1,0 +1,234 @@
+"""Failures during training of the deep quantizers (DQN and DSQ).
+
+- a loss that becomes NaN / inf, or a network that diverges, stops ``fit``
+  with a :class:`FloatingPointError` that suggests a smaller learning rate
+  (never a k-means or encoder error about NaN input, never a NaN model);
+- a ``KeyboardInterrupt`` during ``fit`` keeps the model of the last
+  completed epoch, warns, and leaves a usable estimator (as skorch does);
+- CUDA out-of-memory says to lower ``batch_size``.
+
+Failures are simulated on the CPU by backbones that misbehave at their N-th
+training forward pass, so every test runs without a GPU.
+"""
+
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_array_equal
+from sklearn.datasets import load_digits
+from torch import nn
+
+from skquant import DeepQuantizer
+from skquant._dsq import SphericalQuantizer
+
+N_SAMPLES = 128
+BATCH_SIZE = 32  # 4 batches per epoch
+
+COMMON = dict(
+    n_codewords=8, embedding_dim=8, max_epochs=3, warmup_epochs=1,
+    batch_size=BATCH_SIZE, device="cpu", random_state=0,
+)
+FACTORIES = {
+    "DQN": lambda **kw: DeepQuantizer(**{"n_subspaces": 2, **COMMON, **kw}),
+    "DSQ": lambda **kw: SphericalQuantizer(**{"n_codebooks": 2, **COMMON, **kw}),
+}
+DEEP = list(FACTORIES)
+
+
+@pytest.fixture(scope="module")
+def data():
+    X, y = load_digits(return_X_y=True)
+    return X[:N_SAMPLES], y[:N_SAMPLES]
+
+
+class FaultyBackbone(nn.Module):
+    """Linear + ReLU backbone whose ``fail_at``-th *training* forward pass
+    misbehaves: raises ``error``, or multiplies its output by ``factor``.
+
+    Eval-mode passes (the dry run that sizes the head, the embeddings used for
+    codebook refits, transform) are left alone. The counter lives on the
+    instance: estimators deep-copy the backbone, so the copy counts its own
+    calls, and a fresh one starts at 0 for every fit.
+    """
+
+    def __init__(self, fail_at=None, error=None, factor=None, n_features=64):
+        super().__init__()
+        with torch.random.fork_rng():  # same initial weights for every instance
+            torch.manual_seed(0)
+            self.lin = nn.Linear(n_features, 16)
+        self.fail_at = fail_at
+        self.error = error
+        self.factor = factor
+        self.calls = 0
+
+    def forward(self, x):
+        out = torch.relu(self.lin(x))
+        if self.training:
+            self.calls += 1
+            if self.fail_at is not None and self.calls >= self.fail_at:
+                if self.error is not None and self.calls == self.fail_at:
+                    raise self.error
+                if self.factor is not None:
+                    out = out * self.factor
+        return out
+
+
+# --------------------------------------------------------------------------
+# Non-finite loss / divergence
+@pytest.mark.parametrize("name", DEEP)
+@pytest.mark.parametrize("factor", [float("nan"), float("inf")])
+@pytest.mark.parametrize("fail_at", [1, 6])
+def test_non_finite_loss_stops_with_learning_rate_hint(name, factor, fail_at, data):
+    # NaN / inf activations from the first batch, or in the middle of epoch 2.
+    X, y = data
+    est = FACTORIES[name](backbone=FaultyBackbone(fail_at=fail_at, factor=factor))
+    with pytest.raises(FloatingPointError, match="smaller learning_rate") as info:
+        est.fit(X, y)
+    epoch = 1 if fail_at <= 4 else 2
+    assert f"epoch {epoch}" in str(info.value)
+    assert not hasattr(est, "codes_")  # no half-fitted model is left behind
+
+
+@pytest.mark.parametrize("name", DEEP)
+def test_infinite_loss_value(name, data, monkeypatch):
+    # A loss that overflows to +inf (not NaN) is refused the same way.
+    X, y = data
+    if name == "DQN":
+        from skquant import _dqn
+
+        original = _dqn._SIMILARITY_LOSSES["cosine"]
+        monkeypatch.setitem(
+            _dqn._SIMILARITY_LOSSES, "cosine", lambda z, s: original(z, s) * float("inf")
+        )
+    else:
+        from skquant import _dsq
+
+        original = _dsq.softmax_loss
+        monkeypatch.setattr(
+            _dsq, "softmax_loss", lambda *a, **k: original(*a, **k) * float("inf")
+        )
+    with pytest.raises(FloatingPointError, match=r"loss became inf .*smaller learning_rate"):
+        FACTORIES[name]().fit(X, y)
+
+
+@pytest.mark.parametrize("name", DEEP)
+@pytest.mark.parametrize("warmup_epochs", [0, 1, 5])
+def test_diverging_learning_rate_gives_a_clear_error(name, warmup_epochs, data):
+    # A real divergence, no simulation: the last step of an epoch can leave
+    # the network producing NaN embeddings although the loss it measured was
+    # finite. The codebook refit that follows must not fail with k-means'
+    # "Input X contains NaN", nor the final refit after the last epoch.
+    X, y = data
+    est = FACTORIES[name](
+        hidden_layer_sizes=(16,), learning_rate=1e20, warmup_epochs=warmup_epochs
+    )
+    with pytest.raises(FloatingPointError, match="smaller learning_rate"):
+        est.fit(X, y)
+
+
+# --------------------------------------------------------------------------
+# KeyboardInterrupt
+def _fit_reference(name, data, n_epochs):
+    X, y = data
+    return FACTORIES[name](backbone=FaultyBackbone(), max_epochs=n_epochs).fit(X, y)
+
+
+@pytest.mark.parametrize("name", DEEP)
+@pytest.mark.parametrize("interrupt_at, completed", [(7, 1), (11, 2)])
+def test_keyboard_interrupt_keeps_last_completed_epoch(name, interrupt_at, completed, data):
+    # 4 batches per epoch: call 7 is in epoch 2, call 11 in epoch 3.
+    X, y = data
+    est = FACTORIES[name](
+        backbone=FaultyBackbone(fail_at=interrupt_at, error=KeyboardInterrupt()),
+        max_epochs=6,
+    )
+    with pytest.warns(
+        UserWarning,
+        match=f"interrupted during epoch {completed + 1}; keeping the model of the "
+        f"last completed epoch \\({completed}\\)",
+    ):
+        est.fit(X, y)
+    assert est.n_iter_ == completed
+    assert [r["epoch"] for r in est.history_] == list(range(1, completed + 1))
+    # Usable: same network as a fit that stopped there, searchable, picklable.
+    reference = _fit_reference(name, data, completed)
+    assert_array_equal(est.transform(X), reference.transform(X))
+    dist, ind = est.kneighbors(X[:5], n_neighbors=4)
+    assert ind.shape == (5, 4) and np.isfinite(dist).all()
+    assert 0.0 <= est.score(X[:20], y[:20]) <= 1.0
+
+
+@pytest.mark.parametrize("name", DEEP)
+def test_keyboard_interrupt_in_first_epoch(name, data):
+    # Nothing completed: the initial network is kept, the estimator still
+    # works, and the warning says so.
+    X, y = data
+    est = FACTORIES[name](backbone=FaultyBackbone(fail_at=2, error=KeyboardInterrupt()))
+    with pytest.warns(UserWarning, match=r"last completed epoch \(0\)"):
+        est.fit(X, y)
+    assert est.n_iter_ == 0 and est.history_ == []
+    assert np.isfinite(est.transform(X)).all()
+    assert est.kneighbors(X[:3], n_neighbors=2, return_distance=False).shape == (3, 2)
+
+
+def test_keyboard_interrupt_during_codebook_refit(data, monkeypatch):
+    # Ctrl-C while k-means refits the codebooks (between network epochs).
+    from skquant import _dqn
+
+    X, y = data
+    original = _dqn.fit_subspace_codebooks
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the refit at the start of epoch 3
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_dqn, "fit_subspace_codebooks", interrupted)
+    est = FACTORIES["DQN"](max_epochs=4, codebook_update_period=1)
+    with pytest.warns(UserWarning, match=r"interrupted during epoch 3"):
+        est.fit(X, y)
+    assert est.n_iter_ == 2
+    assert est.kneighbors(X[:3], n_neighbors=2, return_distance=False).shape == (3, 2)
+
+
+# --------------------------------------------------------------------------
+# CUDA out of memory (simulated: torch.cuda.OutOfMemoryError is raised the
+# same way on a CPU-only build)
+@pytest.mark.parametrize("name", DEEP)
+def test_cuda_oom_during_training_suggests_smaller_batch_size(name, data):
+    X, y = data
+    est = FACTORIES[name](
+        backbone=FaultyBackbone(
+            fail_at=3, error=torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        )
+    )
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"batch_size=32; lower batch_size"):
+        est.fit(X, y)
+
+
+class _OOMAtInference(nn.Module):
+    """Fine while training; raises CUDA OOM in eval-mode passes once armed."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 16)
+        self.armed = False
+
+    def forward(self, x):
+        if self.armed and not self.training:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        return torch.relu(self.lin(x))
+
+
+@pytest.mark.parametrize("name", DEEP)
+def test_cuda_oom_at_inference_suggests_smaller_batch_size(name, data):
+    X, y = data
+    est = FACTORIES[name](backbone=_OOMAtInference()).fit(X, y)
+    est.module_.backbone.armed = True
+    for method in (est.transform, est.kneighbors, est.encode):
+        with pytest.raises(torch.cuda.OutOfMemoryError, match="lower batch_size"):
+            method(X[:4])
+    est.module_.backbone.armed = False  # the estimator is still usable afterwards
+    assert est.transform(X[:4]).shape == (4, 8)
