@@ -255,20 +255,18 @@ class BaseQuantizer(
             self._search_layout = layout.extended(self.codes_)
         return self
 
+    def _validate_X(self, X, *, reset=False):
+        """The one input check of every public entry: array, features, float range."""
+        X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
+        return _check_float32_range(X)
+
     def _validate_input(self, X, y, *, reset):
-        tags = self.__sklearn_tags__()
-        if y is None:
-            X = _check_float32_range(
-                validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
-            )
-            if reset and tags.target_tags.required:  # pragma: no cover - validate_data raises
-                raise ValueError(f"{type(self).__name__} requires y.")
-            return X, None
-        X = validate_data(
-            self, X, reset=reset, dtype=[np.float64, np.float32], ensure_min_samples=1
-        )
-        X = _check_float32_range(X)
-        return X, _check_labels(y, X.shape[0])
+        if y is None and reset and self.__sklearn_tags__().target_tags.required:
+            # Supervised estimators: let sklearn raise its standard message
+            # ("... requires y to be passed, but the target y is None").
+            validate_data(self, X, y=None, reset=reset)
+        X = self._validate_X(X, reset=reset)
+        return X, (None if y is None else _check_labels(y, X.shape[0]))
 
     def _set_index(self, codes, y):
         # Fortran order: each sub-space's codes are contiguous, which is the
@@ -355,9 +353,7 @@ class BaseQuantizer(
             The learned embedding (the input itself for :class:`ProductQuantizer`).
         """
         check_is_fitted(self)
-        X = _check_float32_range(
-            validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        )
+        X = self._validate_X(X)
         return np.asarray(self._embed(X), dtype=np.float32)
 
     def encode(self, X):
@@ -374,9 +370,7 @@ class BaseQuantizer(
             uint8 when ``n_codewords <= 256``, else uint16.
         """
         check_is_fitted(self)
-        X = _check_float32_range(
-            validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        )
+        X = self._validate_X(X)
         return self._encode_rows(X)
 
     def decode(self, codes):
@@ -510,9 +504,7 @@ class BaseQuantizer(
             # returned, which is removed later.
             n_neighbors += 1
         else:
-            X = _check_float32_range(
-                validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-            )
+            X = self._validate_X(X)
             n_queries = X.shape[0]
 
         n_samples_fit = self.n_samples_fit_

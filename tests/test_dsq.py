@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
-from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skquant._additive import encode_beam, quantization_error
 from skquant._dsq import SphericalQuantizer
@@ -23,23 +22,6 @@ SMALL = dict(
     device="cpu",
     random_state=0,
 )
-
-
-def _expected_failed_checks(estimator):
-    return {
-        # BaseQuantizer (skquant/_base.py) raises "SphericalQuantizer requires
-        # y." for fit(X, None); sklearn wants its own wording ("requires y to
-        # be passed, but the target y is None"). The behaviour (a ValueError)
-        # is right; the message is the base's to change.
-        "check_requires_y_none": "base's ValueError wording for a missing y",
-    }
-
-
-@parametrize_with_checks(
-    [SphericalQuantizer(**SMALL)], expected_failed_checks=_expected_failed_checks
-)
-def test_sklearn_compatible(estimator, check):
-    check(estimator)
 
 
 @pytest.fixture(scope="module")

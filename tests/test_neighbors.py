@@ -13,7 +13,6 @@ from sklearn.neighbors import (
     LocalOutlierFactor,
 )
 from sklearn.pipeline import make_pipeline
-from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skquant import DeepQuantizer, ProductQuantizer, QuantizedKNeighborsTransformer
 from skquant.neighbors import row_fingerprints
@@ -48,26 +47,6 @@ def _check_graph_rows(graph, n_entries):
     assert np.all(np.diff(data, axis=1) >= 0), "rows must be sorted by distance"
     indices = graph.indices.reshape(-1, n_entries)
     assert all(len(np.unique(row)) == n_entries for row in indices)
-
-
-# ----------------------------------------------------------------- sklearn checks
-@parametrize_with_checks(
-    [
-        QuantizedKNeighborsTransformer(
-            ProductQuantizer(n_subspaces=1, n_codewords=4, random_state=0), n_neighbors=3
-        ),
-        QuantizedKNeighborsTransformer(
-            ProductQuantizer(
-                n_subspaces=1, n_codewords=4, rotation=True, n_rotation_iter=2,
-                random_state=0,
-            ),
-            n_neighbors=2,
-            mode="connectivity",
-        ),
-    ]
-)
-def test_sklearn_compatible_transformer(estimator, check):
-    check(estimator)
 
 
 # ----------------------------------------------------------------- graph contract
