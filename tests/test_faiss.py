@@ -69,8 +69,8 @@ def test_product_quantizer_to_faiss(digits, n_codewords, rotation):
     expected_type = faiss.IndexPreTransform if rotation else faiss.IndexPQ
     assert isinstance(index, expected_type)
     assert index.ntotal == len(train) and index.d == 64
-    D, I = index.search(test, 10)
-    _assert_same_neighbors(pq, test, np.sqrt(np.maximum(D, 0)), I, _euclidean_aqd(pq))
+    dist_f, ind_f = index.search(test, 10)
+    _assert_same_neighbors(pq, test, np.sqrt(np.maximum(dist_f, 0)), ind_f, _euclidean_aqd(pq))
 
     # faiss's own encoder, given our codebooks, gives our codes; its decoder
     # gives our reconstructions (layout and bit packing agree).
@@ -95,14 +95,14 @@ def test_deep_quantizer_to_faiss(digits):
     assert isinstance(index, faiss.IndexPQ) and index.d == 16
     queries = X[1000:1100]
     Z = dqn.transform(queries)
-    D, I = index.search(Z, 10)
+    dist_f, ind_f = index.search(Z, 10)
 
     database = dqn.decode(dqn.codes_).astype(np.float64)
 
     def distances(_, items):
         return np.sqrt(((Z.astype(np.float64)[:, None] - database[items]) ** 2).sum(-1))
 
-    _assert_same_neighbors(dqn, queries, np.sqrt(np.maximum(D, 0)), I, distances)
+    _assert_same_neighbors(dqn, queries, np.sqrt(np.maximum(dist_f, 0)), ind_f, distances)
 
 
 def test_spherical_quantizer_to_faiss(digits):
@@ -116,14 +116,14 @@ def test_spherical_quantizer_to_faiss(digits):
     assert index.metric_type == faiss.METRIC_INNER_PRODUCT
     queries = X[1000:1100]
     Z = dsq.transform(queries)
-    scores, I = index.search(Z, 10)
+    scores, ind_f = index.search(Z, 10)
     database = dsq.decode(dsq.codes_).astype(np.float64)
 
     def distances(_, items):
         ip = (Z.astype(np.float64)[:, None] * database[items]).sum(-1)
         return np.maximum(1.0 - ip, 0.0)
 
-    _assert_same_neighbors(dsq, queries, np.maximum(1.0 - scores, 0.0), I, distances)
+    _assert_same_neighbors(dsq, queries, np.maximum(1.0 - scores, 0.0), ind_f, distances)
 
 
 @pytest.mark.parametrize("factory", ["PQ8", "PQ8x4", "OPQ8,PQ8"])
@@ -141,8 +141,8 @@ def test_from_faiss(digits, factory):
     pq = ProductQuantizer.from_faiss(index)
     assert pq.n_samples_fit_ == len(train) and pq.n_features_in_ == 64
     assert (pq.rotation_ is not None) == factory.startswith("OPQ")
-    D, I = index.search(test, 10)
-    _assert_same_neighbors(pq, test, np.sqrt(np.maximum(D, 0)), I, _euclidean_aqd(pq))
+    dist_f, ind_f = index.search(test, 10)
+    _assert_same_neighbors(pq, test, np.sqrt(np.maximum(dist_f, 0)), ind_f, _euclidean_aqd(pq))
     np.testing.assert_allclose(
         pq.decode(pq.codes_[:20]), index.reconstruct_n(0, 20), rtol=1e-5, atol=1e-4
     )
