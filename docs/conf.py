@@ -89,6 +89,7 @@ sphinx_gallery_conf = {
     "abort_on_example_error": True,
     "matplotlib_animations": False,
     "backreferences_dir": None,
+    "write_computation_times": False,
     "doc_module": (),
 }
 
