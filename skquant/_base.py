@@ -603,10 +603,11 @@ class BaseQuantizer(
         Returns
         -------
         index : faiss.Index
-            ``IndexPQ`` (squared L2 distances; wrapped in an
-            ``IndexPreTransform`` when the quantizer has a rotation), or an
-            additive-quantizer index with inner-product scores for
-            :class:`SphericalQuantizer`.
+            ``IndexPQ`` (squared L2 distances), ``IndexIVFPQ`` on direct
+            codes when the quantizer has an inverted file (``n_lists``),
+            either wrapped in an ``IndexPreTransform`` when the quantizer has
+            a rotation; or an additive-quantizer index with inner-product
+            scores for :class:`SphericalQuantizer`.
         """
         from ._faiss import to_faiss
 

@@ -71,6 +71,45 @@ def _fill_codes(faiss, index, codes, n_bits):
     index.ntotal = codes.shape[0]
 
 
+def _ivf_pq(faiss, estimator, coarse, rotation, n_bits, faiss_metric):
+    """An empty IndexIVFPQ on direct (non-residual) codes with skquant's cells."""
+    n_codebooks, _, sub_dim = estimator.codebooks_.shape
+    dim = n_codebooks * sub_dim
+    centroids = np.asarray(coarse, dtype=np.float32)
+    if rotation is not None:
+        # Cells are defined in the embedding space; faiss sees rotated vectors,
+        # and distances to rotated centroids are the same.
+        centroids = centroids @ rotation
+    if faiss_metric == faiss.METRIC_L2:
+        coarse_index = faiss.IndexFlatL2(dim)
+    else:
+        coarse_index = faiss.IndexFlatIP(dim)
+    coarse_index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    index = faiss.IndexIVFPQ(
+        coarse_index, dim, len(centroids), n_codebooks, n_bits, faiss_metric
+    )
+    index.referenced_objects = [coarse_index]  # faiss does not own the quantizer
+    # skquant's inverted file stores the items' own codes, not residuals.
+    index.by_residual = False
+    index.nprobe = int(getattr(estimator, "n_probe", 1))
+    return index
+
+
+def _fill_inverted_lists(faiss, estimator, index, codes, n_bits):
+    packed = _pack_codes(faiss, codes, n_bits)
+    cells = estimator._assign_cells(np.asarray(codes))
+    order = np.argsort(cells, kind="stable")
+    bounds = np.searchsorted(cells[order], np.arange(index.nlist + 1))
+    for cell in range(index.nlist):
+        ids = order[bounds[cell] : bounds[cell + 1]].astype(np.int64)
+        if ids.size:
+            cell_codes = np.ascontiguousarray(packed[ids])
+            index.invlists.add_entries(
+                cell, ids.size, faiss.swig_ptr(ids), faiss.swig_ptr(cell_codes)
+            )
+    index.ntotal = codes.shape[0]
+
+
 def to_faiss(estimator):
     """Build a faiss index holding a fitted quantizer's codebooks and codes.
 
@@ -87,6 +126,10 @@ def to_faiss(estimator):
         * product codebooks: ``faiss.IndexPQ`` (``METRIC_L2``: ``search``
           returns squared AQD, the square of ``kneighbors``' distances), inside
           a ``faiss.IndexPreTransform`` when the estimator has a ``rotation_``;
+          ``faiss.IndexIVFPQ`` with ``by_residual=False`` (direct codes, the
+          same cells and ``nprobe = n_probe``) when it has an inverted file
+          (``n_lists``); faiss probes exactly ``nprobe`` cells, where skquant
+          probes more when they hold fewer than ``n_neighbors`` items;
         * additive codebooks with inner product: ``faiss.IndexResidualQuantizer``
           with ``METRIC_INNER_PRODUCT`` and ``ST_LUT_nonorm`` (``search``
           returns ``<z_q, x_hat>``, i.e. ``1 - distance`` of ``kneighbors``).
@@ -104,13 +147,23 @@ def to_faiss(estimator):
     layout = estimator._codebook_layout
     metric = estimator._metric
 
+    rotation = getattr(estimator, "rotation_", None)
+    coarse = getattr(estimator, "coarse_centroids_", None)
     if layout == "product":
         dim = n_codebooks * sub_dim
         faiss_metric = faiss.METRIC_L2 if metric == "euclidean" else faiss.METRIC_INNER_PRODUCT
-        index = faiss.IndexPQ(dim, n_codebooks, n_bits, faiss_metric)
-        faiss.copy_array_to_vector(padded.ravel(), index.pq.centroids)
+        if coarse is None:
+            index = faiss.IndexPQ(dim, n_codebooks, n_bits, faiss_metric)
+            pq = index.pq
+        else:
+            index = _ivf_pq(faiss, estimator, coarse, rotation, n_bits, faiss_metric)
+            pq = index.pq
+        faiss.copy_array_to_vector(padded.ravel(), pq.centroids)
         index.is_trained = True
-        _fill_codes(faiss, index, codes, n_bits)
+        if coarse is None:
+            _fill_codes(faiss, index, codes, n_bits)
+        else:
+            _fill_inverted_lists(faiss, estimator, index, codes, n_bits)
     elif layout == "additive" and metric == "inner_product":
         dim = sub_dim
         index = faiss.IndexResidualQuantizer(
@@ -131,7 +184,6 @@ def to_faiss(estimator):
             f"{metric} metric (faiss would need the per-item norms)."
         )
 
-    rotation = getattr(estimator, "rotation_", None)
     if rotation is None:
         return index
     # skquant quantizes row vectors as Z @ R; faiss maps column vectors y = A x.

@@ -166,3 +166,25 @@ def test_from_faiss_rejects_other_indexes():
         ProductQuantizer.from_faiss(faiss.IndexPQ(8, 2, 4, faiss.METRIC_INNER_PRODUCT))
     with pytest.raises(ValueError, match="not trained"):
         ProductQuantizer.from_faiss(faiss.IndexPQ(8, 2, 4))
+
+
+@pytest.mark.parametrize("rotation", [False, True])
+def test_inverted_file_to_faiss(digits, rotation):
+    X, _ = digits
+    train, test = X[:1500], X[1500:1600]
+    pq = ProductQuantizer(
+        n_subspaces=8, n_codewords=32, rotation=rotation, n_rotation_iter=2,
+        n_lists=8, n_probe=2, random_state=0,
+    ).fit(train)
+    index = pq.to_faiss()
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    assert isinstance(ivf, faiss.IndexIVFPQ) and not ivf.by_residual
+    assert ivf.nlist == 8 and ivf.nprobe == 2 and index.ntotal == len(train)
+    # Same cells: faiss's list sizes are skquant's cell sizes.
+    sizes = [ivf.invlists.list_size(c) for c in range(8)]
+    cells = pq._assign_cells(pq.codes_)
+    np.testing.assert_array_equal(sizes, np.bincount(cells, minlength=8))
+    # Every cell holds far more than k items, so both probe exactly 2 cells.
+    assert min(sizes) > 10
+    dist_f, ind_f = index.search(test, 10)
+    _assert_same_neighbors(pq, test, np.sqrt(np.maximum(dist_f, 0)), ind_f, _euclidean_aqd(pq))
