@@ -12,7 +12,6 @@ output and figures.
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
@@ -49,9 +48,6 @@ numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 numpydoc_attributes_as_param_list = True
 numpydoc_validation_checks = set()
-# BaseQuantizer's "Subclass hooks" section is developer documentation, which
-# numpydoc does not render; it says so with a Python warning on every read.
-warnings.filterwarnings("ignore", message="Unknown section Subclass Hooks")
 
 # -- HTML --------------------------------------------------------------------
 try:

@@ -139,21 +139,23 @@ class BaseQuantizer(
 ):
     """Base class of skquant's quantizers: learn, index, search.
 
-    Subclass hooks
-    --------------
-    ``_codebook_layout`` : {"product", "additive"}
-        Block codebooks ``(M, K, D / M)`` whose codewords are concatenated, or
-        full-dimensional codebooks ``(M, K, D)`` whose codewords are summed.
-    ``_metric`` : {"euclidean", "inner_product"}
-        What the lookup tables approximate; ``kneighbors`` reports the
-        Euclidean AQD, or ``1 - <z_q, x̂>``.
-    ``_fit(X, y)``
-        Learn the model from validated ``X`` and labels (``None``, 1-D, or a
-        2-D indicator); set ``codebooks_`` and optionally ``rotation_``.
-    ``_embed(X)``
-        Validated ``X`` -> float32 embedding ``(n, D)``.
-    ``_encode_embedding``, ``_decode_codes``, ``_lookup_tables``
-        Have defaults for product codebooks; additive quantizers override them.
+    Not used directly: :class:`ProductQuantizer`, :class:`DeepQuantizer` and
+    :class:`SphericalQuantizer` inherit every public method from it.
+
+    Notes
+    -----
+    A subclass provides these hooks:
+
+    - ``_codebook_layout`` ("product" or "additive"): block codebooks
+      ``(M, K, D / M)`` whose codewords are concatenated, or full-dimensional
+      codebooks ``(M, K, D)`` whose codewords are summed.
+    - ``_metric`` ("euclidean" or "inner_product"): what the lookup tables
+      approximate; ``kneighbors`` reports the Euclidean AQD, or ``1 - <z_q, x̂>``.
+    - ``_fit(X, y)``: learn the model from validated ``X`` and labels (``None``,
+      1-D, or a 2-D indicator); set ``codebooks_`` and optionally ``rotation_``.
+    - ``_embed(X)``: validated ``X`` -> float32 embedding ``(n, D)``.
+    - ``_encode_embedding``, ``_decode_codes``, ``_lookup_tables``: have
+      defaults for product codebooks; additive quantizers override them.
     """
 
     _codebook_layout = "product"
