@@ -407,8 +407,11 @@ class BaseQuantizer(
     def _encode_rows(self, X):
         """Embed and encode ``X`` in row batches, so memory stays bounded."""
         n_codebooks, n_codewords, _ = self.codebooks_.shape
+        # Fortran order, as _set_index stores it: no second copy of the codes.
         codes = np.empty(
-            (X.shape[0], n_codebooks), dtype=np.uint8 if n_codewords <= 256 else np.uint16
+            (X.shape[0], n_codebooks),
+            dtype=np.uint8 if n_codewords <= 256 else np.uint16,
+            order="F",
         )
         row_bytes = 8 * (X.shape[1] + self._n_features_out + n_codewords)
         for batch in gen_batches(X.shape[0], _rows_per_chunk(row_bytes)):
