@@ -19,11 +19,15 @@ Design choices (shared by every estimator, see ``benchmarks/bench_search.py``):
   database item used as a query (``kneighbors(X=None)``) probes its own cell
   first.
 * **Scan.** Cells are stored contiguously (codes permuted by cell, then by
-  index), so a cell is a slice of each sub-space's code row. A batch is
-  processed cell by cell: the queries probing a cell scan it together
-  (database-major gather for a block of queries, per-query pair tables for
-  one or two), with the running-threshold top-k of :mod:`skquant._search`.
-  Ties are broken by the lower *original* index, as in exhaustive search.
+  index). A query gathers the code rows of its probed cells in one
+  fancy-indexing call (each row read as one ``M``-byte word), sums its tables
+  over them (pair tables for long scans), and selects its top-k with one
+  partition. Per query that is about ten numpy
+  calls whatever ``n_probe`` is; a cell-by-cell loop (tried first, with the
+  queries of a cell scanned together) spent most of its time in per-cell
+  Python overhead at the cell sizes that matter (a few thousand items).
+  Queries are spread over threads; a single query's cells are split between
+  them. Ties are broken by the lower *original* index, as in exhaustive search.
 """
 
 import numpy as np
@@ -34,8 +38,6 @@ from sklearn.utils import check_random_state, gen_batches
 
 from ._search import (
     _MAX_PAIR_CODEWORDS,
-    _empty_best,
-    _merge_into,
     _merge_topk,
     _pair_tables,
     _refine,
@@ -52,11 +54,6 @@ __all__ = [
 
 # faiss's rule of thumb: more than 256 training points per centroid adds little.
 _MAX_POINTS_PER_LIST = 256
-# Below this many queries probing a cell, per-query pair tables beat the
-# database-major gather.
-_CELL_BATCH_MIN = 4
-# Largest batch that gets pair tables (1 MiB per query at M=8, K=256).
-_PAIR_MAX_QUERIES = 16
 
 
 def train_coarse_quantizer(X, n_lists, *, metric="euclidean", random_state=None):
@@ -154,12 +151,12 @@ class InvertedLists:
     ----------
     codes : ndarray of shape (n_items, n_codebooks)
         The codes in original order (a reference, not a copy).
+    assignments : ndarray of shape (n_items,)
+        The cells, as given.
     order : ndarray of shape (n_items,)
         Original index of each stored item (by cell, then by index).
     offsets : ndarray of shape (n_lists + 1,)
         Cell ``l`` holds stored items ``offsets[l]:offsets[l + 1]``.
-    codes_t : ndarray of shape (n_codebooks, n_items)
-        Codes in stored order, one contiguous row per sub-space.
     """
 
     def __init__(self, codes, assignments, n_lists):
@@ -170,11 +167,7 @@ class InvertedLists:
         self.order = np.argsort(assignments, kind="stable").astype(index_dtype)
         counts = np.bincount(assignments, minlength=n_lists)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        codes_t = np.empty((codes.shape[1], codes.shape[0]), dtype=codes.dtype)
-        for m in range(codes.shape[1]):
-            np.take(codes[:, m], self.order, out=codes_t[m])
-        self.codes_t = codes_t
-        self._pair_codes = None
+        self._rows = None
 
     @property
     def n_lists(self):
@@ -184,106 +177,111 @@ class InvertedLists:
     def sizes(self):
         return np.diff(self.offsets)
 
-    def pair_codes(self, n_codewords):
-        """(M // 2, n_items) uint16 pair codes in stored order (see CodeLayout)."""
-        if self._pair_codes is None or self._pair_codes[0] != n_codewords:
-            n_pairs = self.codes_t.shape[0] // 2
-            pairs = np.empty((n_pairs, self.codes_t.shape[1]), dtype=np.uint16)
-            for j in range(n_pairs):
-                np.multiply(self.codes_t[2 * j], n_codewords, out=pairs[j], dtype=np.uint16)
-                pairs[j] += self.codes_t[2 * j + 1]
-            self._pair_codes = (n_codewords, pairs)
-        return self._pair_codes[1]
+    @property
+    def rows(self):
+        """``(rows, words)``: the codes in stored order, (n_items, M), and a
+        view of each row as one opaque element, so that gathering the rows of
+        some cells is one fancy-indexing pass. Built on first use."""
+        if self._rows is None:
+            rows = np.ascontiguousarray(self.codes[self.order])
+            words = rows.view(np.dtype((np.void, rows.itemsize * rows.shape[1]))).ravel()
+            self._rows = (rows, words)
+        return self._rows
+
+    def __getstate__(self):
+        return {"codes": self.codes, "assignments": self.assignments,
+                "n_lists": self.n_lists}
+
+    def __setstate__(self, state):
+        self.__init__(state["codes"], state["assignments"], state["n_lists"])
 
 
 def _select_probes(scores, sizes, n_probe, k):
     """The cells each query scans: its ``n_probe`` best, extended (in score
-    order) until they hold at least ``k`` items. Returns ``(queries, cells)``
-    pairs."""
+    order) until they hold at least ``k`` items. Returns one array of cells
+    per query."""
     n_queries, n_lists = scores.shape
     n_probe = min(n_probe, n_lists)
     if n_probe < n_lists:
         probes = np.argpartition(scores, n_probe - 1, axis=1)[:, :n_probe]
     else:
         probes = np.broadcast_to(np.arange(n_lists), (n_queries, n_lists))
-    short = np.flatnonzero(sizes[probes].sum(axis=1) < k)
-    queries = [np.repeat(np.arange(n_queries), probes.shape[1])]
-    cells = [probes.ravel()]
-    if short.size:
-        # Rare (tiny cells or large k): rank all cells of these queries.
-        keep = np.ones(n_queries, dtype=bool)
-        keep[short] = False
-        queries = [np.repeat(np.flatnonzero(keep), probes.shape[1])]
-        cells = [probes[keep].ravel()]
-        for q in short:
-            ranked = np.argsort(scores[q], kind="stable")
-            n_needed = np.searchsorted(np.cumsum(sizes[ranked]), k) + 1
-            chosen = ranked[: max(n_probe, n_needed)]
-            queries.append(np.full(len(chosen), q))
-            cells.append(chosen)
-    return np.concatenate(queries), np.concatenate(cells)
+    probes = list(probes)
+    for q in np.flatnonzero(sizes[np.asarray(probes)].sum(axis=1) < k):
+        # Rare (tiny cells or large k): rank all cells of this query.
+        ranked = np.argsort(scores[q], kind="stable")
+        n_needed = np.searchsorted(np.cumsum(sizes[ranked]), k) + 1
+        probes[q] = ranked[: max(n_probe, n_needed)]
+    return probes
 
 
-def _scan_cells(tables, pairs, ivf, query_ids, cell_ids, k):
-    """Scan the (query, cell) pairs; running top-k for all queries.
+def _positions(offsets, cells):
+    """Stored positions of the items of ``cells`` (concatenated)."""
+    starts = offsets[cells]
+    lengths = offsets[cells + 1] - starts
+    total = int(lengths.sum())
+    # arange(total) shifted, cell by cell, to each cell's start.
+    shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return np.arange(total, dtype=np.int64) + shift
 
-    Pairs are processed cell by cell, all the queries probing a cell together.
+
+def _scan_queries(tables, scan, ivf, probes, queries, k, budget):
+    """Top-k of each query in ``queries`` over its cells ``probes[q]``.
+
+    Returns (values, original indices), (len(queries), k), sentinel-padded
+    when the cells hold fewer than k items (a shard of a split query).
     """
-    n_queries, n_subspaces, _ = tables.shape
-    best_values, best_indices = _empty_best(n_queries, k)
-    n_found = np.zeros(n_queries, dtype=np.int64)
-    order = np.lexsort((query_ids, cell_ids))
-    query_ids, cell_ids = query_ids[order], cell_ids[order]
-    bounds = np.flatnonzero(np.diff(cell_ids)) + 1
-    starts = np.concatenate([[0], bounds])
-    stops = np.concatenate([bounds, [len(cell_ids)]])
-    codes_t = ivf.codes_t
-    for a, b in zip(starts, stops):
-        cell = cell_ids[a]
-        i0, i1 = ivf.offsets[cell], ivf.offsets[cell + 1]
-        if i1 == i0:
-            continue
-        qs = query_ids[a:b]
-        n = i1 - i0
-        if pairs is not None and len(qs) < _CELL_BATCH_MIN:
-            pair_tables, extra, pair_codes = pairs
-            acc = np.empty((n, len(qs)), dtype=np.float32, order="F")
-            tmp = np.empty(n, dtype=np.float32)
-            for c, q in enumerate(qs):
-                col = acc[:, c]
-                np.take(pair_tables[q, 0], pair_codes[0, i0:i1], out=col, mode="clip")
-                for j in range(1, pair_tables.shape[1]):
-                    np.take(pair_tables[q, j], pair_codes[j, i0:i1], out=tmp, mode="clip")
-                    col += tmp
-                if extra is not None:
-                    np.take(extra[q], codes_t[-1, i0:i1], out=tmp, mode="clip")
-                    col += tmp
-        else:
-            # (M, K, nq) tables of these queries, then database-major gather.
-            sub = np.ascontiguousarray(tables[qs].transpose(1, 2, 0))
-            acc = np.take(sub[0], codes_t[0, i0:i1], axis=0)
+    words, row_dtype, n_cols = scan
+    n_subspaces, n_codewords = tables.shape[1:]
+    out_values = np.full((len(queries), k), np.inf, dtype=np.float32)
+    out_indices = np.full((len(queries), k), np.iinfo(np.intp).max, dtype=np.intp)
+    # Per scanned item: its position, row (twice), pair code, value, term and
+    # selection.
+    chunk = max(1, budget // (8 + 2 * 2 * n_cols + 2 + 4 + 4 + 5))
+    for r, q in enumerate(queries):
+        positions = _positions(ivf.offsets, probes[q])
+        # Pair tables (K**2 entries per pair) halve the look-ups but cost about
+        # K**2 / 4 items' worth of look-ups to build: only for long scans.
+        paired = (n_subspaces >= 2 and n_codewords <= _MAX_PAIR_CODEWORDS
+                  and 4 * len(positions) >= n_codewords**2)
+        if paired:
+            pair_tables, extra = _pair_tables(tables[q : q + 1])
+            pair_tables, extra = pair_tables[0], None if extra is None else extra[0]
+        best_v, best_i = out_values[r], out_indices[r]
+        for c0 in range(0, len(positions), chunk):
+            pos = positions[c0 : c0 + chunk]
+            # One gather of whole rows, then contiguous columns for np.take
+            # (strided index arrays are several times slower).
+            cols = words[pos].view(row_dtype).reshape(len(pos), n_cols).T.copy()
+            acc = np.zeros(len(pos), dtype=np.float32)
             tmp = np.empty_like(acc)
-            for m in range(1, n_subspaces):
-                np.take(sub[m], codes_t[m, i0:i1], axis=0, out=tmp, mode="clip")
-                acc += tmp
-        ids = ivf.order[i0:i1]
-        fresh = n_found[qs] < k
-        # Cells come in cell order, not index order, so items equal to the
-        # current k-th value may still win on index: compare with <=.
-        hits = np.flatnonzero(acc <= best_values[qs, k - 1])
-        if fresh.any() and hits.size > k * len(qs):
-            # A query's first cells select everything: prune them per column.
-            cols = np.flatnonzero(fresh)
-            kk = min(k, n)
-            kth = np.partition(acc[:, cols], kk - 1, axis=0)[kk - 1]
-            thresholds = best_values[qs, k - 1].copy()
-            thresholds[cols] = np.minimum(thresholds[cols], kth)
-            hits = np.flatnonzero(acc <= thresholds)
-        n_found[qs] += n
-        if hits.size:
-            items, cols = np.divmod(hits, len(qs))
-            _merge_into(best_values, best_indices, qs[cols], acc[items, cols], ids[items])
-    return best_values, best_indices
+            if paired:
+                pair = np.empty(len(pos), dtype=np.uint16)
+                for j in range(n_subspaces // 2):
+                    np.multiply(cols[2 * j], n_codewords, out=pair, dtype=np.uint16)
+                    pair += cols[2 * j + 1]
+                    np.take(pair_tables[j], pair, out=tmp, mode="clip")
+                    acc += tmp
+                if extra is not None:
+                    np.take(extra, cols[-1], out=tmp, mode="clip")
+                    acc += tmp
+            else:
+                for m in range(n_subspaces):
+                    np.take(tables[q, m], cols[m], out=tmp, mode="clip")
+                    acc += tmp
+            # Candidates: the chunk's k best and ties, below the current k-th.
+            if len(acc) > k:
+                kth = np.partition(acc, k - 1)[k - 1]
+                cand = np.flatnonzero(acc <= min(kth, best_v[-1]))
+            else:
+                cand = np.flatnonzero(acc <= best_v[-1])
+            if not cand.size:
+                continue
+            values = np.concatenate([best_v, acc[cand]])
+            ids = np.concatenate([best_i, ivf.order[pos[cand]]])
+            keep = np.lexsort((ids, values))[:k]
+            best_v[:], best_i[:] = values[keep], ids[keep]
+    return out_values, out_indices
 
 
 def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None):
@@ -303,7 +301,7 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None):
         Cells scanned per query (more when they hold fewer than
         ``n_neighbors`` items, so that every query gets ``n_neighbors``).
     n_jobs : int, default=None
-        Threads: over query groups for batches, over cells for a single query.
+        Threads: over queries for batches, over a query's cells for one query.
 
     Returns
     -------
@@ -311,45 +309,49 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None):
         Table sums (recomputed in float64 for the selected items), ascending.
     indices : ndarray of shape (n_queries, n_neighbors), intp
         Original database indices; equal values ordered by lower index.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skquant._ivf import InvertedLists, ivf_search
+    >>> codes = np.array([[0], [1], [1], [0]], dtype=np.uint8)
+    >>> ivf = InvertedLists(codes, assignments=[0, 0, 1, 1], n_lists=2)
+    >>> tables = np.array([[[0.0, 1.0]]], dtype=np.float32)  # 1 query, M=1, K=2
+    >>> scores = np.array([[0.0, 1.0]])  # cell 0 is the nearest
+    >>> ivf_search(tables, scores, ivf, 2, n_probe=1)
+    (array([[0., 1.]]), array([[0, 1]]))
     """
     tables = np.asarray(tables, dtype=np.float32)
     n_queries, n_subspaces, n_codewords = tables.shape
-    n_items = ivf.codes_t.shape[1]
+    n_items = len(ivf.order)
     if not 1 <= n_neighbors <= n_items:
         raise ValueError(
             f"Expected 1 <= n_neighbors <= n_items, got n_neighbors={n_neighbors} "
             f"and n_items={n_items}."
         )
-    query_ids, cell_ids = _select_probes(scores, ivf.sizes, n_probe, n_neighbors)
+    probes = _select_probes(scores, ivf.sizes, n_probe, n_neighbors)
+    rows, words = ivf.rows
+    scan = (words, rows.dtype, rows.shape[1])
+    budget = max(1, int(get_config()["working_memory"] * 2**20))
 
-    pairs = None
-    if n_subspaces >= 2 and n_codewords <= _MAX_PAIR_CODEWORDS:
-        # Pair tables (K**2 floats per pair and query) only for small batches,
-        # whose cells are mostly scanned by one query.
-        if n_queries <= _PAIR_MAX_QUERIES:
-            pair_tables, extra = _pair_tables(tables)
-            pairs = (pair_tables, extra, ivf.pair_codes(n_codewords))
-
-    n_jobs = max(1, min(effective_n_jobs(n_jobs), len(cell_ids)))
-    if n_jobs == 1:
-        groups = [np.arange(len(cell_ids))]
-    elif n_queries >= n_jobs:
-        # Split the queries: each thread scans its queries' cells.
-        groups = [np.flatnonzero(np.isin(query_ids, g))
-                  for g in np.array_split(np.arange(n_queries), n_jobs)]
+    n_jobs = max(1, effective_n_jobs(n_jobs))
+    if n_jobs == 1 or n_queries >= n_jobs:
+        groups = [g for g in np.array_split(np.arange(n_queries), n_jobs) if len(g)]
+        results = _run_shards(
+            _scan_queries, groups,
+            lambda g: (tables, scan, ivf, probes, g, n_neighbors, budget),
+        )
+        values = np.vstack([v for v, _ in results])
+        indices = np.vstack([i for _, i in results])
     else:
-        # Few queries: split their cells, balancing the items scanned.
-        sizes = ivf.sizes[cell_ids]
-        cut = np.searchsorted(np.cumsum(sizes), np.arange(1, n_jobs) * sizes.sum() / n_jobs)
-        groups = np.split(np.arange(len(cell_ids)), cut)
-    groups = [g for g in groups if len(g)]
-    results = _run_shards(
-        _scan_cells, groups,
-        lambda g: (tables, pairs, ivf, query_ids[g], cell_ids[g], n_neighbors),
-    )
-    if len(results) == 1:
-        indices = results[0][1]
-    else:
+        # Fewer queries than threads: each thread scans a share of every
+        # query's cells (cells are split, the items of a cell never are).
+        shares = [[np.array_split(p, n_jobs)[t] for p in probes] for t in range(n_jobs)]
+        everyone = np.arange(n_queries)
+        results = _run_shards(
+            _scan_queries, list(range(n_jobs)),
+            lambda t: (tables, scan, ivf, shares[t], everyone, n_neighbors, budget),
+        )
         values = np.hstack([v for v, _ in results])
         indices = _merge_topk(values, np.hstack([i for _, i in results]), n_neighbors)[1]
     return _refine(tables, ivf.codes, indices)

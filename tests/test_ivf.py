@@ -211,3 +211,23 @@ def test_estimator_n_lists_larger_than_database():
     X = np.random.default_rng(5).normal(size=(30, 4))
     with pytest.raises(ValueError, match="n_lists=50 must be between 1"):
         ProductQuantizer(n_subspaces=2, n_codewords=8, n_lists=50).fit(X)
+
+
+@pytest.mark.parametrize("M, K, n_items", [(1, 16, 300), (2, 300, 900), (5, 16, 3000),
+                                           (4, 256, 20000)])
+def test_paired_and_plain_scans(M, K, n_items):
+    # Short scans use plain tables, long ones pair tables (K <= 256), wide
+    # codes (K > 256) never pairs; all give the restricted brute force.
+    rng = np.random.default_rng(M * K)
+    tables = rng.integers(0, 40, size=(6, M, K)).astype(np.float32)
+    codes = rng.integers(0, K, size=(n_items, M)).astype(np.uint8 if K <= 256 else np.uint16)
+    assignments = rng.integers(0, 4, size=n_items)
+    scores = rng.normal(size=(6, 4)).astype(np.float32)
+    ivf = InvertedLists(codes, assignments, 4)
+    sums = tables[:, np.arange(M), codes].sum(-1)
+    for n_probe in (1, 3):
+        with config_context(working_memory=0.05):  # several chunks per query
+            _, indices = ivf_search(tables, scores, ivf, 9, n_probe=n_probe, n_jobs=2)
+        np.testing.assert_array_equal(
+            indices, _restricted_reference(sums, assignments, scores, n_probe, 9)
+        )
