@@ -43,6 +43,7 @@ from ._search import (
     _refine,
     _run_shards,
 )
+from . import _search
 
 __all__ = [
     "InvertedLists",
@@ -334,7 +335,8 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None):
     scan = (words, rows.dtype, rows.shape[1])
     budget = max(1, int(get_config()["working_memory"] * 2**20))
 
-    n_jobs = max(1, effective_n_jobs(n_jobs))
+    n_scanned = sum(int(ivf.sizes[p].sum()) for p in probes)
+    n_jobs = max(1, min(effective_n_jobs(n_jobs), n_scanned // _search._MIN_SHARD_WORK))
     if n_jobs == 1 or n_queries >= n_jobs:
         groups = [g for g in np.array_split(np.arange(n_queries), n_jobs) if len(g)]
         results = _run_shards(

@@ -73,6 +73,10 @@ _SINGLE_BLOCK = 2**18
 # Pair tables hold K**2 entries: only worth it while they stay cache-sized.
 _MAX_PAIR_CODEWORDS = 256
 
+# A thread only pays off with enough work: dispatching a shard costs tens of
+# microseconds, about what scanning 2**16 (query, item) pairs takes.
+_MIN_SHARD_WORK = 2**16
+
 _POOL = None
 _POOL_LOCK = threading.Lock()
 
@@ -592,7 +596,7 @@ def aqd_search(tables, codes, n_neighbors, *, n_jobs=None, layout=None, kernel="
     working_memory = get_config()["working_memory"]
     budget = max(1, int(working_memory * 2**20))
     kernel = _choose_kernel(n_queries, n_codewords, kernel)
-    n_shards = max(1, min(effective_n_jobs(n_jobs), n_items))
+    n_shards = max(1, min(effective_n_jobs(n_jobs), n_items * n_queries // _MIN_SHARD_WORK))
     shards = list(gen_even_slices(n_items, n_shards))
 
     if kernel in ("pairs", "columns"):

@@ -16,7 +16,14 @@ from skquant._ivf import (
     ivf_search,
     train_coarse_quantizer,
 )
+from skquant import _search
 from skquant._search import aqd_search, inner_product_tables
+
+
+@pytest.fixture(autouse=True)
+def _shard_small_problems(monkeypatch):
+    """Small test databases still exercise the multi-thread split and merge."""
+    monkeypatch.setattr(_search, "_MIN_SHARD_WORK", 1)
 
 
 def _restricted_reference(sums, assignments, scores, n_probe, k):

@@ -292,3 +292,27 @@ def test_scratch_memory_stays_under_working_memory(kernel):
         allowance += n_queries * (M // 2) * K * K * 4
     # (+1 MiB for small per-call arrays: results, candidates, index lists.)
     assert peak < allowance + 2**20, (peak, allowance)
+
+
+@pytest.fixture(autouse=True)
+def _shard_small_problems(monkeypatch):
+    """Tests use small databases: let them split into shards anyway, so that
+    the multi-shard paths (dispatch, merge) are what n_jobs=2 exercises."""
+    monkeypatch.setattr(_search, "_MIN_SHARD_WORK", 1)
+
+
+def test_small_problems_stay_in_one_thread(monkeypatch):
+    monkeypatch.setattr(_search, "_MIN_SHARD_WORK", 2**16)
+    shard_counts = []
+    original = _search._run_shards
+    monkeypatch.setattr(
+        _search, "_run_shards",
+        lambda func, shards, args_of: shard_counts.append(len(shards))
+        or original(func, shards, args_of),
+    )
+    rng = np.random.default_rng(17)
+    tables, codes, _ = _integer_problem(rng, 1, 10_000, 4, 16)
+    aqd_search(tables, codes, 5, n_jobs=2)  # 10k pairs of work: one shard
+    tables, codes, _ = _integer_problem(rng, 1, 200_000, 4, 16)
+    aqd_search(tables, codes, 5, n_jobs=2)
+    assert shard_counts == [1, 2]
