@@ -395,6 +395,13 @@ def _scan_per_query(columns, extra, codes_t, start, stop, k, block):
     ``columns`` are (n_queries, J, T) tables indexed by the J rows of ``codes_t``
     (pair codes or plain codes); ``extra`` is an optional (n_queries, K) table
     for ``codes_t[J]`` (odd M, pair codes given together with it).
+
+    Once the query has ``k`` candidates, a block sums only its first half of
+    the columns; the other half adds at least its tables' minima, so items
+    whose partial sum already reaches the running ``k``-th value are dropped
+    (with a relative slack far above float32 rounding) and only the few
+    survivors get the rest of their look-ups. The survivors' sums are formed
+    in the same order as the full sums, so results do not change.
     """
     codes_main, codes_extra = codes_t
     n_queries, n_columns, _ = columns.shape
@@ -404,20 +411,56 @@ def _scan_per_query(columns, extra, codes_t, start, stop, k, block):
     tmp_buf = np.empty(block, dtype=np.float32)
     out_values = np.empty((n_queries, k), dtype=np.float32)
     out_indices = np.empty((n_queries, k), dtype=np.intp)
+    n_terms = n_columns + (extra is not None)
+    half = max(1, n_columns // 2)
     for q in range(n_queries):
         table = columns[q]
+        # Least possible contribution of the columns left after the first half.
+        rest_min = float(table[half:].min(axis=1).sum(dtype=np.float64)) if half < n_columns else 0.0
+        if extra is not None:
+            rest_min += float(extra[q].min())
         best = (np.empty(0, dtype=np.float32), np.empty(0, dtype=np.intp))
+        pruning = n_terms >= 2  # switched off when it stops paying (see below)
         for i0, i1 in _ramp(start, stop, max(64 * k, 2048), block):
             acc = acc_buf[: i1 - i0]
             tmp = tmp_buf[: i1 - i0]
+            prune = pruning and len(best[0]) >= k
             np.take(table[0], codes_main[0, i0:i1], out=acc, mode="clip")
-            for j in range(1, n_columns):
+            for j in range(1, half if prune else n_columns):
                 np.take(table[j], codes_main[j, i0:i1], out=tmp, mode="clip")
                 acc += tmp
+            survivors = None
+            if prune:
+                threshold = float(best[0][k - 1])
+                slack = 1e-5 * (abs(threshold) + abs(rest_min)) + 1e-30
+                survivors = np.flatnonzero(acc < threshold - rest_min + slack)
+                if 4 * survivors.size > len(acc):
+                    # Unselective (e.g. unclustered data): finish this block
+                    # with contiguous look-ups and stop pruning this query.
+                    pruning, survivors = False, None
+                    for j in range(half, n_columns):
+                        np.take(table[j], codes_main[j, i0:i1], out=tmp, mode="clip")
+                        acc += tmp
+            if survivors is None:
+                if extra is not None:
+                    np.take(extra[q], codes_extra[i0:i1], out=tmp, mode="clip")
+                    acc += tmp
+                best = _select_1d(best, acc, i0 - start, k)
+                continue
+            if not survivors.size:
+                continue
+            values = acc[survivors]
+            rows = survivors + i0
+            for j in range(half, n_columns):
+                values += table[j][codes_main[j][rows]]
             if extra is not None:
-                np.take(extra[q], codes_extra[i0:i1], out=tmp, mode="clip")
-                acc += tmp
-            best = _select_1d(best, acc, i0 - start, k)
+                values += extra[q][codes_extra[rows]]
+            keep = values < threshold
+            if keep.any():
+                values = np.concatenate([best[0], values[keep]])
+                indices = np.concatenate([best[1], survivors[keep] + (i0 - start)])
+                order = np.lexsort((indices, values))[:k]
+                best = (values[order], indices[order])
         out_values[q], out_indices[q] = best
     return out_values, out_indices
 

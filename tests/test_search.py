@@ -316,3 +316,22 @@ def test_small_problems_stay_in_one_thread(monkeypatch):
     tables, codes, _ = _integer_problem(rng, 1, 200_000, 4, 16)
     aqd_search(tables, codes, 5, n_jobs=2)
     assert shard_counts == [1, 2]
+
+
+@pytest.mark.parametrize("kernel", ["pairs", "columns"])
+@pytest.mark.parametrize("M", [3, 4, 8])
+def test_partial_sum_pruning_is_exact(kernel, M):
+    # Selective tables (a few cheap codewords per sub-space, like a query in a
+    # cluster): after the first blocks most items are dropped on half their
+    # look-ups. Integer tables keep every sum exact, so the order must match.
+    rng = np.random.default_rng(18 + M)
+    K, n_items = 16, 60_000
+    tables = rng.integers(50, 1000, size=(3, M, K)).astype(np.float32)
+    tables[:, :, :2] = rng.integers(0, 5, size=(3, M, 2))
+    codes = rng.integers(0, K, size=(n_items, M)).astype(np.uint8)
+    sums = tables[:, np.arange(M), codes].sum(-1)
+    for k in (1, 10):
+        values, indices = aqd_search(tables, codes, k, kernel=kernel, n_jobs=2)
+        ref_values, ref_indices = _reference_topk(sums, k)
+        np.testing.assert_array_equal(indices, ref_indices)
+        np.testing.assert_array_equal(values, ref_values)
