@@ -138,6 +138,15 @@ class DeepQuantizer(BaseQuantizer):
     n_jobs : int, default=None
         Parallel jobs for search (database shards). ``None`` means 1 unless in
         a :func:`joblib.parallel_config` context, ``-1`` all processors.
+    n_lists : int, default=None
+        Non-exhaustive search: number of cells of an inverted file (coarse
+        k-means on the reconstructions of the indexed items, trained by
+        :meth:`fit`); a query scans only the items of its ``n_probe`` nearest
+        cells. ``None`` scans the whole database.
+    n_probe : int, default=8
+        Cells scanned per query when ``n_lists`` is set; can be changed after
+        fitting with :meth:`set_params`. ``n_probe >= n_lists`` gives exactly
+        the exhaustive result.
 
     Attributes
     ----------
@@ -155,6 +164,8 @@ class DeepQuantizer(BaseQuantizer):
         Codes of the indexed database (uint8 when ``n_codewords <= 256``).
     database_labels_ : ndarray or None
         Labels of the indexed items (for :meth:`score`).
+    coarse_centroids_ : ndarray of shape (n_lists, embedding_dim) or None
+        Cell centroids of the inverted file (``None`` when ``n_lists=None``).
     n_samples_fit_ : int
         Number of indexed items.
     history_ : list of dict
@@ -257,6 +268,8 @@ class DeepQuantizer(BaseQuantizer):
         verbose=0,
         n_neighbors=5,
         n_jobs=None,
+        n_lists=None,
+        n_probe=8,
     ):
         self.n_subspaces = n_subspaces
         self.n_codewords = n_codewords
@@ -280,6 +293,8 @@ class DeepQuantizer(BaseQuantizer):
         self.verbose = verbose
         self.n_neighbors = n_neighbors
         self.n_jobs = n_jobs
+        self.n_lists = n_lists
+        self.n_probe = n_probe
 
     def _fit(self, X, y):
         n_samples = X.shape[0]

@@ -145,6 +145,15 @@ class SphericalQuantizer(BaseQuantizer):
         Default number of neighbors for :meth:`kneighbors`.
     n_jobs : int, default=None
         Parallel jobs of the search (database shards).
+    n_lists : int, default=None
+        Non-exhaustive search: number of cells of an inverted file (coarse
+        k-means on the reconstructions of the indexed items, trained by
+        :meth:`fit`); a query scans only the items of its ``n_probe`` nearest
+        cells. ``None`` scans the whole database.
+    n_probe : int, default=8
+        Cells scanned per query when ``n_lists`` is set; can be changed after
+        fitting with :meth:`set_params`. ``n_probe >= n_lists`` gives exactly
+        the exhaustive result.
 
     Attributes
     ----------
@@ -158,6 +167,8 @@ class SphericalQuantizer(BaseQuantizer):
         Codes of the indexed database (uint8 when ``n_codewords <= 256``).
     database_labels_ : ndarray or None
         Labels of the indexed items.
+    coarse_centroids_ : ndarray of shape (n_lists, embedding_dim) or None
+        Cell centroids of the inverted file (``None`` when ``n_lists=None``).
     n_samples_fit_ : int
     module_ : torch.nn.Module
         The embedding network (on the CPU).
@@ -290,6 +301,8 @@ class SphericalQuantizer(BaseQuantizer):
         verbose=0,
         n_neighbors=5,
         n_jobs=None,
+        n_lists=None,
+        n_probe=8,
     ):
         self.n_codebooks = n_codebooks
         self.n_codewords = n_codewords
@@ -315,6 +328,8 @@ class SphericalQuantizer(BaseQuantizer):
         self.verbose = verbose
         self.n_neighbors = n_neighbors
         self.n_jobs = n_jobs
+        self.n_lists = n_lists
+        self.n_probe = n_probe
 
     # ------------------------------------------------------------------ fit
     def _fit(self, X, y):
