@@ -144,12 +144,12 @@ def recall_with_ties(codebooks, codes, queries, ids, ref_ids):
     ref = aqd64(codebooks, codes, queries, ref_ids)
     bound = ref.max(axis=1, keepdims=True) * (1 + 1e-5) + 1e-9
     tie_recall = np.mean(got <= bound)
-    strict = np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids, ref_ids)])
+    strict = np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids, ref_ids, strict=True)])
     return tie_recall, strict
 
 
 def recall_ids(ids, ref_ids):
-    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids, ref_ids)]))
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids, ref_ids, strict=True)]))
 
 
 def fmt(x, digits=0):
@@ -172,8 +172,7 @@ def exhaustive(args, mixture, out):
     from sklearn.neighbors import NearestNeighbors
     from threadpoolctl import threadpool_limits
 
-    from skquant import ProductQuantizer
-    from skquant import _search
+    from skquant import ProductQuantizer, _search
 
     threads = args.threads
     faiss.omp_set_num_threads(threads)
@@ -213,9 +212,9 @@ def exhaustive(args, mixture, out):
                 sk_brute = NearestNeighbors(n_neighbors=args.k, algorithm="brute",
                                             n_jobs=threads).fit(xb)
 
-            def sklearn_search(q):
+            def sklearn_search(q, brute=sk_brute):
                 with threadpool_limits(threads):
-                    return sk_brute.kneighbors(q)
+                    return brute.kneighbors(q)
 
             funcs["sklearn brute (float32 vectors)"] = sklearn_search
 

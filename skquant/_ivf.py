@@ -36,6 +36,7 @@ from sklearn import get_config
 from sklearn.cluster import KMeans
 from sklearn.utils import check_random_state, gen_batches
 
+from . import _search
 from ._search import (
     _MAX_PAIR_CODEWORDS,
     _merge_topk,
@@ -43,7 +44,6 @@ from ._search import (
     _refine,
     _run_shards,
 )
-from . import _search
 
 __all__ = [
     "InvertedLists",

@@ -694,6 +694,6 @@ def aqd_search(tables, codes, n_neighbors, *, n_jobs=None, layout=None, kernel="
         indices = results[0][1]
     else:
         values = np.hstack([v for v, _ in results])
-        indices = np.hstack([i + s.start for (_, i), s in zip(results, shards)])
+        indices = np.hstack([i + s.start for (_, i), s in zip(results, shards, strict=True)])
         indices = _merge_topk(values, indices, n_neighbors)[1]
     return _refine(tables, layout.codes, indices)

@@ -8,7 +8,7 @@ import pytest
 from sklearn import config_context
 from sklearn.datasets import make_blobs
 
-from skquant import ProductQuantizer
+from skquant import ProductQuantizer, _search
 from skquant._ivf import (
     InvertedLists,
     assign_lists,
@@ -16,7 +16,6 @@ from skquant._ivf import (
     ivf_search,
     train_coarse_quantizer,
 )
-from skquant import _search
 from skquant._search import aqd_search, inner_product_tables
 
 
@@ -163,7 +162,7 @@ def test_estimator_few_probes_recall_and_semantics(blobs):
     queries = X[::7]
     _, i_ex = exhaustive.kneighbors(queries, n_neighbors=10)
     dist, ind = ivf.kneighbors(queries, n_neighbors=10)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i_ex, ind)])
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i_ex, ind, strict=True)])
     assert recall > 0.9
     assert np.all(np.diff(dist, axis=1) >= 0)
     # Every returned distance is the item's exact AQD (direct codes).
