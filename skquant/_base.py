@@ -287,15 +287,16 @@ class BaseQuantizer(
         if n_lists is None:
             self.coarse_centroids_ = None
             return
-        from ._ivf import train_coarse_quantizer
+        from ._ivf import _MAX_POINTS_PER_LIST, train_coarse_quantizer
 
         n_items = self.codes_.shape[0]
-        # k-means samples at most 256 items per cell: decode only those.
+        # k-means samples a bounded number of items per cell: decode only those.
         seed = _seed_of(getattr(self, "random_state", None))
         rng = np.random.default_rng(seed)
         sample = np.arange(n_items)
-        if n_items > 256 * n_lists:
-            sample = np.sort(rng.choice(n_items, 256 * n_lists, replace=False))
+        max_points = _MAX_POINTS_PER_LIST * n_lists
+        if n_items > max_points:
+            sample = np.sort(rng.choice(n_items, max_points, replace=False))
         self.coarse_centroids_ = train_coarse_quantizer(
             self._decode_codes(self.codes_[sample]), n_lists,
             metric=self._metric, random_state=seed,
