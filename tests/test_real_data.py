@@ -37,7 +37,7 @@ def fashion_split(fashion_mnist):
     q, tr, db = retrieval_split(y, n_query=20, n_train=100, random_state=0)
     raw_ranking = _exact_ranking(X[q], X[db])
     raw_map = mean_average_precision(y[q], y[db], raw_ranking)
-    return X, y, q, tr, db, raw_map
+    return X, y, q, tr, db, raw_ranking, raw_map
 
 
 def test_fashion_mnist_matches_the_published_files(fashion_mnist):
@@ -63,7 +63,7 @@ def test_fashion_mnist_split_follows_the_protocol(fashion_mnist):
 
 
 def test_pq_on_fashion_mnist_stays_close_to_exact_pixels(fashion_split):
-    X, y, q, tr, db, raw_map = fashion_split
+    X, y, q, tr, db, raw_ranking, raw_map = fashion_split
     # Exact kNN on raw pixels is far above chance (0.1) but far from perfect.
     assert 0.3 < raw_map < 0.6
     pq = ProductQuantizer(n_subspaces=16, n_codewords=64, random_state=0)
@@ -75,7 +75,6 @@ def test_pq_on_fashion_mnist_stays_close_to_exact_pixels(fashion_split):
     # score() is the same mAP, computed by the library.
     assert pq.score(X[q], y[q]) == pytest.approx(pq_map)
     # Precision of the first neighbours agrees with exact search too.
-    raw_ranking = _exact_ranking(X[q], X[db])
     assert precision_at_k(y[q], y[db], ranking, 10) == pytest.approx(
         precision_at_k(y[q], y[db], raw_ranking, 10), abs=0.05
     )
@@ -83,7 +82,7 @@ def test_pq_on_fashion_mnist_stays_close_to_exact_pixels(fashion_split):
 
 @pytest.mark.slow
 def test_short_dqn_fit_beats_exact_pixel_knn(fashion_split):
-    X, y, q, tr, db, raw_map = fashion_split
+    X, y, q, tr, db, raw_ranking, raw_map = fashion_split
     dqn = DeepQuantizer(
         n_subspaces=4,
         n_codewords=64,
