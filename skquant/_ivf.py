@@ -101,7 +101,10 @@ def train_coarse_quantizer(X, n_lists, *, metric="euclidean", random_state=None)
     max_points = _MAX_POINTS_PER_LIST * n_lists
     if n_samples > max_points:
         X = X[np.sort(rng.choice(n_samples, max_points, replace=False))]
-    kmeans = KMeans(n_clusters=n_lists, n_init=1, max_iter=_COARSE_MAX_ITER, random_state=rng)
+    # Random init (as faiss): k-means++ costs O(n_lists**2) greedy passes,
+    # minutes for thousands of cells.
+    kmeans = KMeans(n_clusters=n_lists, init="random", n_init=1,
+                    max_iter=_COARSE_MAX_ITER, random_state=rng)
     centroids = kmeans.fit(np.asarray(X, dtype=np.float32)).cluster_centers_
     if metric == "inner_product":
         norms = np.linalg.norm(centroids, axis=1, keepdims=True)
