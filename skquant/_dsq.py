@@ -19,7 +19,8 @@ from ._additive import (
     update_codebooks,
 )
 from ._base import BaseQuantizer
-from ._dsq_losses import CosineClassifier, mean_squared_distance, softmax_loss
+from ._dsq_losses import CosineClassifier, softmax_loss
+from ._losses import mean_squared_distance
 from ._torch import (
     build_embedding_network,
     embed,

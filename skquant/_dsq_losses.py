@@ -16,7 +16,6 @@ from torch.nn import functional as F
 __all__ = [
     "CosineClassifier",
     "label_targets",
-    "mean_squared_distance",
     "softmax_loss",
 ]
 
@@ -113,34 +112,3 @@ def softmax_loss(logits, labels):
         return logits.sum() * 0.0
     per_row = -(P * F.log_softmax(logits, dim=1)).sum(dim=1)
     return per_row[has].mean()
-
-
-def mean_squared_distance(A, B, mask=None):
-    """``mean_i ||a_i - b_i||^2`` (summed over dimensions), optionally masked.
-
-    Used for the quantization (``B`` = reconstructions) and centre
-    (``B`` = class centres) terms; ``B`` is a constant target when it does not
-    require gradients.
-
-    Parameters
-    ----------
-    A, B : torch.Tensor of shape (b, D)
-    mask : torch.Tensor of shape (b,), bool, default=None
-        Rows to include (e.g. items that have a class centre).
-
-    Returns
-    -------
-    loss : torch.Tensor, scalar
-
-    Examples
-    --------
-    >>> import torch
-    >>> float(mean_squared_distance(torch.ones(2, 3), torch.zeros(2, 3)))
-    3.0
-    """
-    sq = torch.sum((A - B) ** 2, dim=1)
-    if mask is not None:
-        if not bool(mask.any()):
-            return sq.sum() * 0.0
-        sq = sq[mask]
-    return sq.mean()

@@ -21,6 +21,7 @@ __all__ = [
     "label_similarity",
     "pairwise_cosine_loss",
     "pairwise_inner_product_loss",
+    "mean_squared_distance",
     "product_quantization_loss",
     "product_reconstruction",
 ]
@@ -187,4 +188,35 @@ def product_quantization_loss(Z, Z_hat):
     >>> float(product_quantization_loss(torch.ones(2, 3), torch.zeros(2, 3)))
     3.0
     """
-    return torch.mean(torch.sum((Z - Z_hat) ** 2, dim=1))
+    return mean_squared_distance(Z, Z_hat)
+
+
+def mean_squared_distance(A, B, mask=None):
+    """``mean_i ||a_i - b_i||^2`` (summed over dimensions), optionally masked.
+
+    Used for quantization losses (``B`` = reconstructions) and DSQ's centre
+    loss (``B`` = class centres); ``B`` is a constant target when it does not
+    require gradients.
+
+    Parameters
+    ----------
+    A, B : torch.Tensor of shape (b, D)
+    mask : torch.Tensor of shape (b,), bool, default=None
+        Rows to include (e.g. items that have a class centre).
+
+    Returns
+    -------
+    loss : torch.Tensor, scalar
+
+    Examples
+    --------
+    >>> import torch
+    >>> float(mean_squared_distance(torch.ones(2, 3), torch.zeros(2, 3)))
+    3.0
+    """
+    sq = torch.sum((A - B) ** 2, dim=1)
+    if mask is not None:
+        if not bool(mask.any()):
+            return sq.sum() * 0.0
+        sq = sq[mask]
+    return sq.mean()
