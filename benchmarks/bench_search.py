@@ -432,7 +432,7 @@ def main():
     parser.add_argument("--n-lists", type=int, default=2048)
     parser.add_argument("--exact-queries", type=int, default=200,
                         help="queries with exact (float) ground truth, the first ones")
-    parser.add_argument("--n-probe", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--n-probe", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "search.md"))
     args = parser.parse_args()
