@@ -32,6 +32,7 @@ from ._pq import (
     fit_subspace_codebooks,
 )
 from ._torch import (
+    NETWORK_PARAMETER_CONSTRAINTS,
     build_embedding_network,
     embed,
     inference_device,
@@ -221,26 +222,14 @@ class DeepQuantizer(BaseQuantizer):
 
     _parameter_constraints = {
         **BaseQuantizer._parameter_constraints,
+        **NETWORK_PARAMETER_CONSTRAINTS,
         "n_subspaces": [Interval(Integral, 1, None, closed="left")],
         "n_codewords": [Interval(Integral, 1, 2**16, closed="both")],
-        "embedding_dim": [Interval(Integral, 1, None, closed="left")],
-        "backbone": [None, torch.nn.Module],
-        "hidden_layer_sizes": ["array-like"],
-        "input_shape": [None, "array-like"],
         "loss": [StrOptions(set(_SIMILARITY_LOSSES))],
         "quantization_weight": [Interval(Real, 0, None, closed="left")],
         "joint": ["boolean"],
-        "max_epochs": [Interval(Integral, 1, None, closed="left")],
-        "warmup_epochs": [Interval(Integral, 0, None, closed="left")],
         "codebook_update_period": [Interval(Integral, 1, None, closed="left")],
-        "batch_size": [Interval(Integral, 2, None, closed="left")],
-        "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "backbone_learning_rate": [None, Interval(Real, 0, None, closed="left")],
-        "weight_decay": [Interval(Real, 0, None, closed="left")],
-        "dropout": [Interval(Real, 0, 1, closed="left")],
-        "device": [str, torch.device],
-        "random_state": ["random_state"],
-        "verbose": ["verbose"],
     }
 
     def __init__(

@@ -5,7 +5,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval
 
 from ._additive import (
     additive_decode,
@@ -22,6 +22,7 @@ from ._base import BaseQuantizer
 from ._dsq_losses import CosineClassifier, softmax_loss
 from ._losses import mean_squared_distance
 from ._torch import (
+    NETWORK_PARAMETER_CONSTRAINTS,
     build_embedding_network,
     embed,
     inference_device,
@@ -251,28 +252,16 @@ class SphericalQuantizer(BaseQuantizer):
 
     _parameter_constraints = {
         **BaseQuantizer._parameter_constraints,
+        **NETWORK_PARAMETER_CONSTRAINTS,
         "n_codebooks": [Interval(Integral, 1, None, closed="left")],
         "n_codewords": [Interval(Integral, 1, 2**16, closed="both")],
-        "embedding_dim": [Interval(Integral, 1, None, closed="left")],
         "sparsity": [Interval(Integral, 1, None, closed="left"), None],
-        "backbone": [torch.nn.Module, None],
-        "hidden_layer_sizes": ["array-like"],
-        "input_shape": ["array-like", None],
         "quantization_weight": [Interval(Real, 0, None, closed="left")],
         "center_weight": [Interval(Real, 0, None, closed="left")],
         "discriminative_weight": [Interval(Real, 0, None, closed="left")],
         "softmax_scale": [Interval(Real, 0, None, closed="neither")],
-        "warmup_epochs": [Interval(Integral, 0, None, closed="left")],
-        "max_epochs": [Interval(Integral, 0, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "learning_rate": [Interval(Real, 0, None, closed="neither")],
-        "weight_decay": [Interval(Real, 0, None, closed="left")],
-        "dropout": [Interval(Real, 0, 1, closed="left")],
         "n_icm_sweeps": [Interval(Integral, 0, None, closed="left")],
         "beam_width": [Interval(Integral, 1, None, closed="left")],
-        "device": [StrOptions({"auto"}), str, torch.device],
-        "random_state": ["random_state"],
-        "verbose": ["verbose"],
     }
 
     def __init__(

@@ -28,10 +28,12 @@ import math
 import time
 import warnings
 from contextlib import contextmanager
+from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval
 from torch import nn
 
 __all__ = [
@@ -52,6 +54,25 @@ __all__ = [
     "torch_seed",
     "train_epochs",
 ]
+
+
+# Constructor parameters every network estimator shares, with one meaning and
+# one validation rule (DeepQuantizer, SphericalQuantizer extend this dict).
+NETWORK_PARAMETER_CONSTRAINTS = {
+    "embedding_dim": [Interval(Integral, 1, None, closed="left")],
+    "backbone": [None, torch.nn.Module],
+    "hidden_layer_sizes": ["array-like"],
+    "input_shape": [None, "array-like"],
+    "max_epochs": [Interval(Integral, 1, None, closed="left")],
+    "warmup_epochs": [Interval(Integral, 0, None, closed="left")],
+    "batch_size": [Interval(Integral, 2, None, closed="left")],
+    "learning_rate": [Interval(Real, 0, None, closed="neither")],
+    "weight_decay": [Interval(Real, 0, None, closed="left")],
+    "dropout": [Interval(Real, 0, 1, closed="left")],
+    "device": [str, torch.device],
+    "random_state": ["random_state"],
+    "verbose": ["verbose"],
+}
 
 
 # --------------------------------------------------------------------------- #
