@@ -20,7 +20,7 @@ from sklearn.base import (
 )
 from sklearn.exceptions import InconsistentVersionWarning as _SklearnVersionWarning
 from sklearn.neighbors._base import KNeighborsMixin
-from sklearn.utils import gen_batches
+from sklearn.utils import gen_batches, gen_even_slices
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -125,7 +125,8 @@ class _VersionedPickleMixin:
                     estimator_name=type(self).__name__,
                     current_skquant_version=__version__,
                     original_skquant_version=pickle_version,
-                )
+                ),
+                stacklevel=2,
             )
         super().__setstate__(state)
 
@@ -496,11 +497,11 @@ class BaseQuantizer(
         if n_neighbors is None:
             n_neighbors = self.n_neighbors
         elif n_neighbors <= 0:
-            raise ValueError("Expected n_neighbors > 0. Got %d" % n_neighbors)
+            raise ValueError(f"Expected n_neighbors > 0. Got {n_neighbors}")
         elif not isinstance(n_neighbors, numbers.Integral):
             raise TypeError(
-                "n_neighbors does not take %s value, enter integer value"
-                % type(n_neighbors)
+                f"n_neighbors does not take {type(n_neighbors)} value, enter "
+                "integer value"
             )
 
         query_is_train = X is None
@@ -528,13 +529,18 @@ class BaseQuantizer(
 
         n_codebooks, n_codewords, _ = self.codebooks_.shape
         ivf = self._inverted_lists()
-        # A chunk of queries holds its float32 tables (twice: the engine's
-        # transposed copy), embeddings, coarse scores and results.
-        row_bytes = 8 * n_codebooks * n_codewords + 8 * self._n_features_out
+        # A chunk of queries holds its lookup tables three times over (the
+        # float64 intermediates of the table build, the float32 tables, the
+        # engine's transposed copy: 24 bytes per entry), embeddings, coarse
+        # scores and results.
+        row_bytes = 24 * n_codebooks * n_codewords + 8 * self._n_features_out
         row_bytes += 16 * n_neighbors + (0 if ivf is None else 4 * ivf.n_lists)
         neigh_dist = np.empty((n_queries, n_neighbors), dtype=np.float64)
         neigh_ind = np.empty((n_queries, n_neighbors), dtype=np.intp)
-        for batch in gen_batches(n_queries, _rows_per_chunk(row_bytes)):
+        # Even chunks: a remainder of a few queries would take the single-query
+        # kernel, whose pair-code cache is extra memory the batch kernel avoids.
+        n_chunks = -(-n_queries // _rows_per_chunk(row_bytes))
+        for batch in gen_even_slices(n_queries, n_chunks):
             if query_is_train:
                 Z = self._decode_codes(self.codes_[batch])
             else:
