@@ -648,6 +648,7 @@ def main(argv=None):
 
     if not args.report_only:
         params = parse_params(args.params)
+        written = []
         cmd = "python benchmarks/bench_quality.py " + " ".join(
             f'"{a}"' if (" " in a or "," in a) else a for a in (argv or sys.argv[1:])
         )
@@ -655,7 +656,15 @@ def main(argv=None):
             store["commands"].append(cmd)
 
         def save():
-            store_path.write_text(json.dumps(store, indent=1))
+            # Merge into what is on disk now: another run may have added rows.
+            disk = load_store(store_path)
+            disk["runs"].update({k: store["runs"][k] for k in written})
+            disk["commands"] = list(
+                dict.fromkeys(disk.get("commands", []) + store["commands"])
+            )
+            disk["note"] = store["note"]
+            store_path.write_text(json.dumps(disk, indent=1))
+            store.update(disk)
 
         for name in args.datasets:
             data = load_dataset(name, args.data_home, seed=args.seed)
@@ -671,7 +680,7 @@ def main(argv=None):
             print(f"== {name}: {sizes}", flush=True)
             if not args.no_raw and not args.tag:
                 res = run_exact_raw(data)
-                record(store, name, dict(res, **sizes), "")
+                written.append(record(store, name, dict(res, **sizes), ""))
                 print(f"exact raw: mAP@all {res['map_all']:.4f}", flush=True)
                 save()
             jobs = [
@@ -711,7 +720,7 @@ def main(argv=None):
                     label=label,
                 )
                 res["params"] = {k: repr(v) for k, v in shown.items()}
-                record(store, name, dict(res, **sizes), tag)
+                written.append(record(store, name, dict(res, **sizes), tag))
                 print(
                     f"   mAP@all {res['map_all']:.4f} mAP@1000 {res['map_1000']:.4f} "
                     f"P@100 {res['p_100']:.4f} exact-emb "
