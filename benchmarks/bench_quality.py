@@ -338,7 +338,6 @@ def run_method(data, method, bits, *, seed, device, params, train_y=None, label=
         Zq, Zdb = est.transform(X[q]), est.transform(X[db])
         exact = ranking_metrics(y[q], y[db], exact_ranking(Zq, Zdb, metric))
         res["exact_embedding_map_all"] = exact["map_all"]
-        res["exact_embedding_curve"] = exact["curve"]
     res.update(
         method=method,
         label=label or LABELS[method],
@@ -663,7 +662,7 @@ def main(argv=None):
                 dict.fromkeys(disk.get("commands", []) + store["commands"])
             )
             disk["note"] = store["note"]
-            store_path.write_text(json.dumps(disk, indent=1))
+            store_path.write_text(json.dumps(disk, separators=(",", ":")))
             store.update(disk)
 
         for name in args.datasets:
