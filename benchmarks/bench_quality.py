@@ -644,6 +644,8 @@ def main(argv=None):
         "note": args.note or store.get("note", ""),
     }
     store["note"] = context["note"]
+    if args.report_only and args.note:
+        store_path.write_text(json.dumps(store, separators=(",", ":")))
 
     if not args.report_only:
         params = parse_params(args.params)
