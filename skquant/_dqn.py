@@ -114,7 +114,7 @@ class DeepQuantizer(BaseQuantizer):
     batch_size : int, default=128
         Mini-batch size; the pairwise loss uses all pairs of a batch. Also the
         batch size of the eval-mode forward passes.
-    learning_rate : float, default=1e-3
+    learning_rate : float, default=3e-3
         Adam learning rate of the bottleneck (and of the backbone unless
         ``backbone_learning_rate`` is set).
     backbone_learning_rate : float, default=None
@@ -248,7 +248,7 @@ class DeepQuantizer(BaseQuantizer):
         warmup_epochs=10,
         codebook_update_period=2,
         batch_size=128,
-        learning_rate=1e-3,
+        learning_rate=3e-3,
         backbone_learning_rate=None,
         weight_decay=1e-4,
         dropout=0.0,
