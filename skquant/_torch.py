@@ -307,6 +307,25 @@ class EmbeddingNetwork(nn.Module):
             "tanh": nn.Tanh(), "identity": nn.Identity(), "l2": L2Normalize()
         }[output]
 
+    @property
+    def backbone_frozen(self):
+        """True when the backbone has parameters and none of them is trained.
+
+        ``backbone_learning_rate=0`` (see :func:`make_optimizer`) or a user's
+        own ``requires_grad_(False)`` freezes it.
+        """
+        params = list(self.backbone.parameters())
+        return bool(params) and not any(p.requires_grad for p in params)
+
+    def train(self, mode=True):
+        # A frozen backbone is a fixed feature extractor: keep it in eval mode
+        # while the head trains, or its BatchNorm running statistics would
+        # still drift (and its dropout stay on) although no weight is learned.
+        super().train(mode)
+        if mode and self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
     def features(self, x):
         """Flattened backbone output (before the head)."""
         x = self.standardize(x)

@@ -198,7 +198,10 @@ def test_conv_backbone_with_input_shape_and_frozen_backbone():
     X, y = load_digits(return_X_y=True)
     X, y = X[:200], y[:200]
     torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
+    # BatchNorm: a frozen backbone must stay in eval mode while the head
+    # trains, or its running statistics would drift.
+    backbone = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.MaxPool2d(2))
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     est = DeepQuantizer(**{**FAST, "backbone": backbone, "input_shape": (1, 8, 8),
                            "backbone_learning_rate": 0.0}).fit(X, y)

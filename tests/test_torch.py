@@ -261,6 +261,24 @@ def test_make_optimizer_learning_rates():
     assert not any(p.requires_grad for p in net.backbone.parameters())
 
 
+def test_frozen_backbone_stays_in_eval_mode():
+    net = EmbeddingNetwork(
+        nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), nn.Linear(4, 2)
+    )
+    net.train()
+    assert net.backbone.training and not net.backbone_frozen
+    make_optimizer(net, learning_rate=1e-2, backbone_learning_rate=0.0)
+    assert net.backbone_frozen
+    net.train()
+    assert net.training and net.head.training and not net.backbone.training
+    before = net.backbone[1].running_mean.clone()
+    net(torch.randn(8, 3) + 5.0)
+    assert torch.equal(net.backbone[1].running_mean, before)
+    # a parameter-free backbone is not "frozen": dropout inside it still works
+    free = EmbeddingNetwork(nn.Dropout(0.5), nn.Linear(3, 2)).train()
+    assert free.backbone.training
+
+
 def test_embed_batch_invariant_and_restores_mode():
     X = np.random.RandomState(0).normal(size=(33, 6))
     net = build_embedding_network(X, embedding_dim=3, dropout=0.5)
