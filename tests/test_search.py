@@ -150,7 +150,10 @@ def _integer_problem(rng, n_queries, n_items, M, K, high=3):
 def test_every_kernel_equals_stable_reference(kernel, M, n_queries, n_jobs):
     rng = np.random.default_rng(10 + M + n_queries)
     tables, codes, sums = _integer_problem(rng, n_queries, 537, M, 16)
-    for k, working_memory in [(1, 1024), (7, 1024), (7, 0.0005), (40, 0.002)]:
+    # k >= a quarter of a shard takes the batch kernel's dense path (one
+    # selection over all items); 537 ranks the whole database.
+    for k, working_memory in [(1, 1024), (7, 1024), (7, 0.0005), (40, 0.002),
+                              (150, 0.002), (537, 0.002), (537, 1024)]:
         with config_context(working_memory=working_memory):
             values, indices = aqd_search(tables, codes, k, n_jobs=n_jobs, kernel=kernel)
         ref_values, ref_indices = _reference_topk(sums, k)
@@ -170,6 +173,19 @@ def test_auto_picks_pairs_for_wide_codes_only_when_they_fit():
     assert _search._choose_kernel(1, 256, "auto") == "pairs"
     assert _search._choose_kernel(1, 300, "auto") == "columns"
     assert _search._choose_kernel(500, 256, "auto") in ("numpy", "torch")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_float64_resum_reorders_float32_ties(kernel):
+    # In float32, 1 + 2**24 and 0.5 + 2**24 both round to 2**24 (a tie, so
+    # item 0 first); their exact sums put item 1 first.
+    tables = np.array([[[1.0, 0.5, 2.0**25], [2.0**24, 0.0, 0.0]]] * 13, dtype=np.float32)
+    codes = np.array([[0, 0], [1, 0], [2, 1]], dtype=np.uint8)
+    values, indices = aqd_search(tables, codes, 3, kernel=kernel)
+    np.testing.assert_array_equal(indices, [[1, 0, 2]] * 13)
+    np.testing.assert_array_equal(values, [[2.0**24 + 0.5, 2.0**24 + 1, 2.0**25]] * 13)
+    _, top2 = aqd_search(tables, codes, 2, kernel=kernel)
+    np.testing.assert_array_equal(top2, [[1, 0]] * 13)
 
 
 def test_kernels_agree_bitwise_on_float_data():
