@@ -73,6 +73,10 @@ _SINGLE_BLOCK = 2**18
 # Pair tables hold K**2 entries: only worth it while they stay cache-sized.
 _MAX_PAIR_CODEWORDS = 256
 
+# Up to this many (winner, sub-space) terms the float64 re-sum of the winners
+# gathers them all at once (fewer calls); beyond, one sub-space at a time.
+_REFINE_GATHER_MAX = 2**15
+
 # A thread only pays off with enough work: dispatching a shard costs tens of
 # microseconds, about what scanning 2**16 (query, item) pairs takes.
 _MIN_SHARD_WORK = 2**16
@@ -317,8 +321,20 @@ def _refine(tables, codes, indices):
     makes the result the same whichever kernel, batch size or sharding ran.
     """
     n_queries, n_subspaces, n_codewords = tables.shape
-    # Sub-space by sub-space: the scratch is one (n_queries, k) index array,
-    # not M of them (a whole-database ranking has k = n_items).
+    # Both branches add the M terms in the same order, (t0 + t1) + t2 ...,
+    # so a value does not depend on how many neighbors were asked for.
+    if indices.size * n_subspaces <= _REFINE_GATHER_MAX:
+        # The usual few winners: one gather over all sub-spaces, the fewest
+        # numpy calls (this runs once per single-query search).
+        codes = np.moveaxis(codes[indices], -1, 0)  # (M, n_queries, k)
+        flat = (np.arange(n_queries)[:, None] * n_subspaces * n_codewords
+                + np.arange(n_subspaces)[:, None, None] * n_codewords
+                + codes.astype(np.intp))
+        values = tables.reshape(-1)[flat].astype(np.float64).sum(axis=0)
+        order = np.lexsort((indices, values), axis=1)
+        return np.take_along_axis(values, order, 1), np.take_along_axis(indices, order, 1)
+    # Long rankings (k up to n_items): sub-space by sub-space, so the scratch
+    # is one (n_queries, k) index array rather than M of them.
     rows = np.arange(n_queries)[:, None] * n_codewords
     values = None
     for m in range(n_subspaces):

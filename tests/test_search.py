@@ -175,8 +175,10 @@ def test_auto_picks_pairs_for_wide_codes_only_when_they_fit():
     assert _search._choose_kernel(500, 256, "auto") in ("numpy", "torch")
 
 
+@pytest.mark.parametrize("gather_max", [0, 2**15])  # per-sub-space / one-gather re-sum
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_float64_resum_reorders_float32_ties(kernel):
+def test_float64_resum_reorders_float32_ties(kernel, gather_max, monkeypatch):
+    monkeypatch.setattr(_search, "_REFINE_GATHER_MAX", gather_max)
     # In float32, 1 + 2**24 and 0.5 + 2**24 both round to 2**24 (a tie, so
     # item 0 first); their exact sums put item 1 first.
     tables = np.array([[[1.0, 0.5, 2.0**25], [2.0**24, 0.0, 0.0]]] * 13, dtype=np.float32)
@@ -186,6 +188,18 @@ def test_float64_resum_reorders_float32_ties(kernel):
     np.testing.assert_array_equal(values, [[2.0**24 + 0.5, 2.0**24 + 1, 2.0**25]] * 13)
     _, top2 = aqd_search(tables, codes, 2, kernel=kernel)
     np.testing.assert_array_equal(top2, [[1, 0]] * 13)
+
+
+def test_short_list_is_bitwise_prefix_of_whole_ranking():
+    # k = 9 re-sums its winners in one gather, k = n_items sub-space by
+    # sub-space (and takes the dense path): same values to the last bit.
+    rng = np.random.default_rng(13)
+    codebooks, codes, queries, _ = _random_product_problem(rng, 30, 3000, M=6, K=32)
+    tables = euclidean_tables(queries, codebooks)
+    short = aqd_search(tables, codes, 9)
+    whole = aqd_search(tables, codes, len(codes))
+    np.testing.assert_array_equal(short[0], whole[0][:, :9])
+    np.testing.assert_array_equal(short[1], whole[1][:, :9])
 
 
 def test_kernels_agree_bitwise_on_float_data():
