@@ -190,6 +190,26 @@ def test_float64_resum_reorders_float32_ties(kernel, gather_max, monkeypatch):
     np.testing.assert_array_equal(top2, [[1, 0]] * 13)
 
 
+def test_sort_rows_orders_by_value_then_column():
+    # Negative, signed-zero, tied and infinite values: the 64-bit key sort must
+    # equal a lexsort on (value, column).
+    rng = np.random.default_rng(14)
+    values = rng.choice(
+        np.array([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 2.0, 7.25, np.inf],
+                 dtype=np.float32), size=(20, 300))
+    values[:, :5] = rng.normal(size=(20, 5)).astype(np.float32)
+    columns = np.arange(300)
+    expected = np.lexsort((np.broadcast_to(columns, values.shape), values), axis=1)
+    np.testing.assert_array_equal(_search._sort_rows(values, columns, 300), expected)
+    # a subset of columns, as after a partition
+    subset = np.sort(rng.permutation(300)[:40]) + np.zeros((20, 1), dtype=np.intp)
+    sub_values = np.take_along_axis(values, subset, axis=1)
+    order = np.lexsort((subset, sub_values), axis=1)
+    np.testing.assert_array_equal(
+        _search._sort_rows(sub_values, subset, 300), np.take_along_axis(subset, order, 1)
+    )
+
+
 def test_short_list_is_bitwise_prefix_of_whole_ranking():
     # k = 9 re-sums its winners in one gather, k = n_items sub-space by
     # sub-space (and takes the dense path): same values to the last bit.
