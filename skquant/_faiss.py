@@ -209,7 +209,7 @@ def from_faiss(cls, index):
     index : faiss.IndexPQ or faiss.IndexPreTransform
         A trained ``IndexPQ`` with ``METRIC_L2``, optionally behind one
         orthogonal ``LinearTransform`` (e.g. ``OPQMatrix`` from
-        ``index_factory(d, "OPQ8,PQ8")``).
+        ``index_factory(d, "OPQ8,PQ8np")``).
 
     Returns
     -------

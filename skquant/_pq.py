@@ -305,7 +305,7 @@ class ProductQuantizer(BaseQuantizer):
         index : faiss.IndexPQ or faiss.IndexPreTransform
             A trained ``IndexPQ`` with ``METRIC_L2``, optionally behind one
             orthogonal ``LinearTransform`` (OPQ, e.g. from
-            ``faiss.index_factory(d, "OPQ8,PQ8")``).
+            ``faiss.index_factory(d, "OPQ8,PQ8np")``).
 
         Returns
         -------
