@@ -362,5 +362,5 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None):
             lambda t: (tables, scan, ivf, shares[t], everyone, n_neighbors, budget),
         )
         values = np.hstack([v for v, _ in results])
-        indices = _merge_topk(values, np.hstack([i for _, i in results]), n_neighbors)[1]
+        indices = _merge_topk(values, np.hstack([i for _, i in results]), n_neighbors)
     return _refine(tables, ivf.codes, indices)

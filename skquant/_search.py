@@ -319,12 +319,13 @@ def _sort_rows(values, columns, n_cols):
 
 
 def _merge_topk(values, indices, k):
-    """Merge candidate lists: the ``k`` best per row by (value, index)."""
-    order = np.lexsort((indices, values), axis=1)[:, :k]
-    return (
-        np.take_along_axis(values, order, axis=1),
-        np.take_along_axis(indices, order, axis=1),
-    )
+    """Merge candidate lists: the indices of the ``k`` best per row by (value, index)."""
+    if values.dtype != np.float32:
+        order = np.lexsort((indices, values), axis=1)[:, :k]
+        return np.take_along_axis(indices, order, axis=1)
+    # The bound also sends unfilled sentinel slots (the largest intp) to the
+    # lexsort fallback of _sort_rows.
+    return _sort_rows(values, indices, int(indices.max()) + 1)[:, :k]
 
 
 def _ramp(start, stop, first, block):
@@ -805,5 +806,5 @@ def aqd_search(tables, codes, n_neighbors, *, n_jobs=None, layout=None, kernel="
     else:
         values = np.hstack([v for v, _ in results])
         indices = np.hstack([i + s.start for (_, i), s in zip(results, shards, strict=True)])
-        indices = _merge_topk(values, indices, n_neighbors)[1]
+        indices = _merge_topk(values, indices, n_neighbors)
     return _refine(tables, layout.codes, indices)
