@@ -164,10 +164,11 @@ plt.show()
 # -----
 # * On these 28x28 grey images the MLP on pixels wins. Measured with this
 #   script (Fashion-MNIST, seed 0, 2 CPU threads, 90 s in all): MLP 0.667,
-#   frozen EfficientNet 0.417, fine-tuned 0.541 mAP@all (fits 3, 28, 41 s). ImageNet features of upsampled grey clothing
-#   thumbnails are a poor match, and a few hundred images and epochs do not
-#   adapt them much; fine-tuning recovers part of the gap. Pretrained
-#   backbones pay off on natural colour photographs (CIFAR-10, NUS-WIDE), the
+#   frozen EfficientNet 0.417, fine-tuned 0.541 mAP@all (fits 3, 28, 41 s).
+#   ImageNet features of upsampled grey clothing thumbnails are a poor
+#   match, and a few hundred images and epochs do not adapt them much;
+#   fine-tuning recovers part of the gap. Pretrained backbones pay off on
+#   natural colour photographs (CIFAR-10, NUS-WIDE), the
 #   setting of the DQN paper (AlexNet pretrained on ImageNet, fine-tuned with
 #   10x smaller rates on the lower layers), and with more data and epochs.
 # * The frozen head is trained with a larger learning rate (1e-2): only the
