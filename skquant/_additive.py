@@ -746,13 +746,22 @@ def inner_product_tables(Z, codebooks, *, csr=None, negate=False):
     array([[[3., 4.]]], dtype=float32)
     """
     M, K, D = codebooks.shape
-    Z = np.asarray(Z, dtype=np.float32)
-    if negate:
-        Z = -Z
     if csr is None:
-        flat = np.asarray(codebooks, dtype=np.float32).reshape(M * K, D)
-        out = Z @ flat.T
+        # float64 product rounded to float32: a float32 GEMM rounds a query's
+        # row differently depending on the other queries in the batch (and
+        # on the CPU); the float64 error vanishes in the rounding, so a
+        # query's distances depend on that query alone.
+        Z = np.asarray(Z, dtype=np.float64)
+        if negate:
+            Z = -Z
+        flat = np.asarray(codebooks, dtype=np.float64).reshape(M * K, D)
+        out = (Z @ flat.T).astype(np.float32)
     else:
+        # A CSR product sums each output over its row's non-zeros in a fixed
+        # order: batch-independent in float32 already.
+        Z = np.asarray(Z, dtype=np.float32)
+        if negate:
+            Z = -Z
         csr = csr.astype(np.float32, copy=False)
         # (M K, n) product, returned as its transposed view: a C-ordered copy
         # would cost more than the sparse product itself for small s, and

@@ -25,6 +25,7 @@ from sklearn.utils import gen_batches, gen_even_slices
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._convergence import warn_if_collapsed
 from ._search import CodeLayout, aqd_search, euclidean_tables, inner_product_tables
 
 
@@ -261,7 +262,12 @@ class BaseQuantizer(
         """
         X, y = self._validate_input(X, y, reset=True)
         self._fit(X, y)
-        self._set_index(self._encode_rows(X), y)
+        codes = self._encode_rows(X)
+        if hasattr(self, "history_"):
+            # Networks trained on labels: a run that collapsed without a NaN
+            # (CPU-dependent) must not pass silently.
+            warn_if_collapsed(self, codes, y)
+        self._set_index(codes, y)
         self._fit_coarse_quantizer()
         return self
 
@@ -493,7 +499,9 @@ class BaseQuantizer(
     # Default hooks, for product (block) codebooks.
     def _rotate(self, Z):
         rotation = getattr(self, "rotation_", None)
-        return Z if rotation is None else Z @ rotation
+        # float64: a float32 GEMM rounds a row differently with the batch it
+        # shares; every consumer (encoder, tables) works in float64 anyway.
+        return Z if rotation is None else np.asarray(Z, np.float64) @ rotation
 
     def _encode_embedding(self, Z):
         from ._pq import encode_product
@@ -510,7 +518,9 @@ class BaseQuantizer(
 
         decoded = decode_product(codes, self.codebooks_)
         rotation = getattr(self, "rotation_", None)
-        return decoded if rotation is None else decoded @ rotation.T
+        if rotation is None:
+            return decoded
+        return (decoded.astype(np.float64) @ rotation.T).astype(np.float32)
 
     def _lookup_tables(self, Z):
         Z = self._rotate(Z)

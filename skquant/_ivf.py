@@ -113,17 +113,20 @@ def train_coarse_quantizer(X, n_lists, *, metric="euclidean", random_state=None)
 
 
 def coarse_scores(X, centroids, metric="euclidean"):
-    """Lower-is-better scores of every (vector, cell) pair, (n, n_lists) float32.
+    """Lower-is-better scores of every (vector, cell) pair, (n, n_lists) float64.
 
     Squared Euclidean distance up to the per-row constant ``||x||^2`` (which
     does not change a row's ranking), or the negated inner product.
     """
-    X = np.asarray(X, dtype=np.float32)
-    scores = X @ centroids.T
+    # float64: a float32 GEMM rounds a row's scores differently depending on
+    # the rows that share its batch (and on the CPU), which could move an
+    # item to another cell or change a query's probes near a tie.
+    X = np.asarray(X, dtype=np.float64)
+    scores = X @ centroids.T.astype(np.float64)
     if metric == "inner_product":
         return np.negative(scores, out=scores)
     scores *= -2.0
-    scores += np.einsum("ld,ld->l", centroids, centroids)[None, :]
+    scores += np.einsum("ld,ld->l", centroids, centroids, dtype=np.float64)[None, :]
     return scores
 
 
@@ -136,7 +139,7 @@ def assign_lists(X, centroids, metric="euclidean"):
     X = np.asarray(X)
     n_lists = centroids.shape[0]
     out = np.empty(X.shape[0], dtype=np.int32)
-    row_bytes = 4 * (n_lists + X.shape[1])
+    row_bytes = 8 * (n_lists + X.shape[1])
     rows = max(1, int(get_config()["working_memory"] * 2**20) // row_bytes)
     for batch in gen_batches(X.shape[0], rows):
         out[batch] = np.argmin(coarse_scores(X[batch], centroids, metric), axis=1)

@@ -136,7 +136,10 @@ def inner_product_tables(queries, codebooks, layout="additive"):
         that summing the tables gives ``-<query, reconstruction>``.
     """
     n_codebooks, n_codewords, codeword_dim = codebooks.shape
-    q = np.asarray(queries, dtype=np.float32)
+    # float64, rounded once at the end: a float32 GEMM rounds a query's row
+    # differently depending on the other rows of the batch and on the CPU.
+    q = np.asarray(queries, dtype=np.float64)
+    codebooks = np.asarray(codebooks, dtype=np.float64)
     if layout == "additive":
         flat = codebooks.reshape(n_codebooks * n_codewords, codeword_dim)
         tables = -(q @ flat.T).reshape(len(q), n_codebooks, n_codewords)

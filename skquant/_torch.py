@@ -27,6 +27,7 @@ import copy
 import math
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
 from numbers import Integral, Real
 
@@ -44,6 +45,7 @@ __all__ = [
     "build_mlp",
     "check_input_shape",
     "embed",
+    "inference_dtype",
     "inference_device",
     "iter_minibatches",
     "make_generator",
@@ -677,12 +679,68 @@ def iter_minibatches(n_samples, batch_size, generator=None):
         yield order[start:stop]
 
 
+# float64 inference copies of networks, keyed by the module (weakly). A copy
+# costs milliseconds (more than a single query's search), so it is reused
+# until the module changes: the key holds every tensor's storage and version
+# counter (an optimiser step bumps them), every submodule's identity, and
+# every plain attribute (flags such as a dropout rate or a user's switch).
+_INFERENCE_COPIES = weakref.WeakKeyDictionary()
+_PLAIN = (bool, int, float, str, bytes, type(None))
+
+
+def _state_key(module, device):
+    key = [str(device)]
+    for t in (*module.parameters(), *module.buffers()):
+        key.append((t.data_ptr(), t._version, tuple(t.shape)))
+    for m in module.modules():
+        key.append(id(m))
+        key.extend(
+            (k, v) for k, v in vars(m).items()
+            if isinstance(v, _PLAIN) and k != "training"
+        )
+    return tuple(key)
+
+
+def _inference_copy(module, device, dtype):
+    """An eval-mode copy of ``module`` in ``dtype`` on ``device``.
+
+    The caller's module is never touched (not moved, not cast, mode kept), so
+    concurrent ``transform``/``kneighbors`` calls from threads are safe.
+    """
+    key = _state_key(module, device)
+    cached = _INFERENCE_COPIES.get(module)
+    if cached is not None and cached[0] == key and cached[1] == dtype:
+        return cached[2]
+    copy_ = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
+    for p in copy_.parameters():
+        p.requires_grad_(False)
+    _INFERENCE_COPIES[module] = (key, dtype, copy_)
+    return copy_
+
+
+def inference_dtype(device):
+    """Floating-point type of eval-mode forward passes on ``device``.
+
+    float64 wherever torch supports it. Why: float32 kernels (oneDNN/MKL GEMM
+    and convolution) give a row results that depend, in the last bits, on
+    which other rows share its batch and where it sits in it -- differently
+    on Intel and AMD CPUs and across thread counts. Evaluating in float64 and
+    rounding the result to float32 makes a row's embedding a function of that
+    row alone (the float64 differences, ~1e-16, vanish in the rounding), so
+    embeddings, codes and neighbours do not change with batch composition,
+    query order or the CPU. MPS has no float64: float32 there.
+    """
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def embed(module, X, device, batch_size=256):
     """Batched eval-mode forward pass, returned as float32 numpy.
 
-    The module is moved to ``device`` for the pass and back to the CPU
-    afterwards (fitted ``module_`` objects live on the CPU); its train/eval
-    mode is restored.
+    The pass runs on an eval-mode float64 copy of ``module`` on ``device``
+    (see :func:`inference_dtype` for why), so each row's embedding depends on
+    that row only: not on the batch it shares, its position in it, the
+    number of threads or the CPU's instruction set. ``module`` itself is left
+    as it is (device, dtype, train/eval mode).
 
     Parameters
     ----------
@@ -707,29 +765,20 @@ def embed(module, X, device, batch_size=256):
     (5, 2)
     """
     device = torch.device(device)
-    X = np.asarray(X, dtype=np.float32)
-    was_training = module.training
-    original = next(module.parameters(), None)
-    original_device = original.device if original is not None else torch.device("cpu")
-    module.to(device)
-    module.eval()
+    dtype = inference_dtype(device)
+    network = _inference_copy(module, device, dtype)
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
     chunks = []
     try:
         with torch.inference_mode():
             for start in range(0, X.shape[0], max(int(batch_size), 1)):
-                chunk = X[start : start + batch_size]
-                # torch cannot wrap read-only memory (e.g. joblib memmaps)
-                # without a warning: copy such a batch.
-                if not chunk.flags.writeable:
-                    chunk = chunk.copy()
-                xb = torch.from_numpy(chunk).to(device)
-                out = module(xb)
+                # A fresh array per batch (also for read-only memmaps, which
+                # torch cannot wrap without a warning).
+                chunk = np.array(X[start : start + batch_size], dtype=np_dtype)
+                out = network(torch.from_numpy(chunk).to(device))
                 chunks.append(out.to("cpu", torch.float32).numpy())
     except torch.cuda.OutOfMemoryError as exc:
         raise _oom_error(exc, batch_size) from exc
-    finally:
-        module.train(was_training)
-        module.to(original_device)
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
     Z = np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
