@@ -58,6 +58,10 @@ __all__ = [
 ]
 
 
+# The default MLP's hidden layers (the estimators' default too): a backbone
+# replaces the MLP, so any other value next to a backbone is a mistake.
+DEFAULT_HIDDEN_LAYER_SIZES = (256,)
+
 # Constructor parameters every network estimator shares, with one meaning and
 # one validation rule (DeepQuantizer, SphericalQuantizer extend this dict).
 NETWORK_PARAMETER_CONSTRAINTS = {
@@ -85,7 +89,7 @@ def resolve_device(device):
 
     Parameters
     ----------
-    device : {"auto", "cpu", "cuda"} or str like "cuda:1", or torch.device
+    device : {"auto", "cpu", "cuda", "mps", "xpu"} or str like "cuda:1", or torch.device
         ``"auto"`` picks the first CUDA device when one is available, the CPU
         otherwise.
 
@@ -96,8 +100,8 @@ def resolve_device(device):
     Raises
     ------
     ValueError
-        If a CUDA device is requested but CUDA is not available, or the
-        device index does not exist, or the string is not a device.
+        If an accelerator (CUDA, MPS, XPU) is requested but not available,
+        or the device index does not exist, or the string is not a device.
 
     Examples
     --------
@@ -113,21 +117,49 @@ def resolve_device(device):
             f"device={device!r} is not a valid device; use 'auto', 'cpu', "
             "'cuda' or 'cuda:N'."
         ) from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device={device!r} was requested but CUDA is not available "
-                "(torch was built without CUDA or no GPU is visible); use "
-                "device='cpu' or device='auto'."
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device={device!r} does not exist: only "
-                f"{torch.cuda.device_count()} CUDA device(s) are visible."
-            )
-    elif dev.type not in ("cpu", "mps"):
-        raise ValueError(f"device={device!r} is not supported; use 'cpu' or 'cuda'.")
+    if dev.type == "cpu":
+        return dev
+    if dev.type not in _ACCELERATORS:
+        raise ValueError(
+            f"device={device!r} is not supported; use 'auto', 'cpu', "
+            + ", ".join(f"'{t}'" for t in _ACCELERATORS)
+            + "."
+        )
+    label, backend = _ACCELERATORS[dev.type]
+    module = _accelerator_module(backend)
+    if module is None or not module.is_available():
+        raise ValueError(
+            f"device={device!r} was requested but {label} is not available "
+            f"(torch was built without it or no such device is visible); use "
+            "device='cpu' or device='auto'."
+        )
+    count = getattr(module, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(
+            f"device={device!r} does not exist: only {count} {label} "
+            "device(s) are visible."
+        )
     return dev
+
+
+# Device types beyond the CPU: the name users read, and the torch module that
+# says whether one is there. Every one is checked the same way, so a missing
+# accelerator gives the same clear message instead of torch's own error at
+# the first tensor moved there.
+_ACCELERATORS = {
+    "cuda": ("CUDA", "cuda"),
+    "mps": ("Apple MPS", "backends.mps"),
+    "xpu": ("Intel XPU", "xpu"),
+}
+
+
+def _accelerator_module(path):
+    module = torch
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
 
 
 def inference_device(device):
@@ -152,14 +184,17 @@ def inference_device(device):
     device(type='cpu')
     """
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        warnings.warn(
-            f"The model was fitted on {dev} but CUDA is not available here; "
-            "computing embeddings on the CPU.",
-            UserWarning,
-            stacklevel=3,
-        )
-        return torch.device("cpu")
+    if dev.type != "cpu":
+        label, backend = _ACCELERATORS.get(dev.type, (dev.type, dev.type))
+        module = _accelerator_module(backend)
+        if module is None or not module.is_available():
+            warnings.warn(
+                f"The model was fitted on {dev} but {label} is not available "
+                "here; computing embeddings on the CPU.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return torch.device("cpu")
     if (
         dev.type == "cuda"
         and dev.index is not None
@@ -436,7 +471,7 @@ def build_embedding_network(
     *,
     embedding_dim,
     backbone=None,
-    hidden_layer_sizes=(256,),
+    hidden_layer_sizes=DEFAULT_HIDDEN_LAYER_SIZES,
     dropout=0.0,
     input_shape=None,
     output="tanh",
@@ -485,6 +520,14 @@ def build_embedding_network(
         if not isinstance(backbone, nn.Module):
             raise TypeError(
                 f"backbone must be a torch.nn.Module or None, got {type(backbone)!r}"
+            )
+        if tuple(hidden_layer_sizes) != DEFAULT_HIDDEN_LAYER_SIZES:
+            warnings.warn(
+                f"hidden_layer_sizes={tuple(hidden_layer_sizes)!r} is ignored "
+                "because a backbone is given (it only shapes the default "
+                "MLP); leave it at its default, or set backbone=None.",
+                UserWarning,
+                stacklevel=4,
             )
         body = copy.deepcopy(backbone).cpu()
     std_layer = None
@@ -821,6 +864,7 @@ def train_epochs(
     history=None,
     on_epoch_begin=None,
     first_epoch=0,
+    total_epochs=None,
 ):
     """Generic mini-batch training loop with sklearn-style logging.
 
@@ -852,6 +896,9 @@ def train_epochs(
         merged into that epoch's record.
     first_epoch : int, default=0
         Number of the first epoch (for messages when called in phases).
+    total_epochs : int, default=None
+        Epochs of the whole fit, for the ``epoch 3/60`` and time-left parts
+        of verbose lines; ``first_epoch + max_epochs`` when None.
 
     Returns
     -------
@@ -869,8 +916,10 @@ def train_epochs(
         Re-raised with a hint to lower ``batch_size``.
     """
     history = [] if history is None else history
+    n_total = first_epoch + max_epochs if total_epochs is None else int(total_epochs)
     last_good = _snapshot(module)
     completed = 0
+    started = time.perf_counter()
     for e in range(max_epochs):
         epoch = first_epoch + e
         tic = time.perf_counter()
@@ -923,10 +972,31 @@ def train_epochs(
                 for k, v in record.items()
                 if k not in ("epoch", "loss", "time") and isinstance(v, float)
             )
+            elapsed = time.perf_counter() - started
+            left = elapsed / completed * max(n_total - epoch - 1, 0)
             print(
-                f"[{estimator_name}] epoch {epoch + 1}, loss = {record['loss']:.6g}"
-                f"{parts_txt}, time = {record['time']:.2f}s",
+                f"[{estimator_name}] epoch {epoch + 1}/{n_total}, "
+                f"loss = {record['loss']:.6g}{parts_txt}, "
+                f"time = {record['time']:.2f}s, elapsed = {format_seconds(elapsed)}, "
+                f"left ~ {format_seconds(left)}",
                 flush=True,
             )
     return completed
+
+
+def format_seconds(seconds):
+    """Short human duration for progress lines.
+
+    Examples
+    --------
+    >>> format_seconds(4.25), format_seconds(75), format_seconds(7300)
+    ('4.2s', '1m15s', '2h01m')
+    """
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 

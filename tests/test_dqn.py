@@ -189,7 +189,7 @@ def test_inner_product_loss_and_verbose(capsys):
     est.fit(X[:200], y[:200])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == FAST["max_epochs"]
-    assert lines[0].startswith("[DeepQuantizer] epoch 1, loss = ")
+    assert lines[0].startswith(f"[DeepQuantizer] epoch 1/{FAST['max_epochs']}, loss = ")
     assert "quantization = " in lines[-1] and "time = " in lines[-1]
     assert np.all(np.isfinite([h["loss"] for h in est.history_]))
 

@@ -129,6 +129,70 @@ def test_resolve_device_cuda_unavailable_is_clear():
         assert inference_device("cuda:0") == torch.device("cpu")
 
 
+@pytest.mark.parametrize(
+    "device, name, available",
+    [
+        ("mps", "Apple MPS", lambda: torch.backends.mps.is_available()),
+        ("xpu", "Intel XPU", lambda: hasattr(torch, "xpu") and torch.xpu.is_available()),
+    ],
+)
+def test_every_unavailable_accelerator_is_as_clear_as_cuda(device, name, available):
+    if available():
+        pytest.skip(f"{name} is available here")
+    with pytest.raises(ValueError, match=f"{name} is not available.*device='cpu'"):
+        resolve_device(device)
+    with pytest.warns(UserWarning, match=f"{name} is not available here"):
+        assert inference_device(device) == torch.device("cpu")
+
+
+def test_unsupported_device_type_is_named():
+    with pytest.raises(ValueError, match="'meta' is not supported; use 'auto'"):
+        resolve_device("meta")
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs no MPS")
+def test_estimator_with_unavailable_device_raises_clearly():
+    from sklearn.datasets import load_digits
+
+    from skquant import DeepQuantizer
+
+    X, y = load_digits(return_X_y=True)
+    with pytest.raises(ValueError, match="Apple MPS is not available"):
+        DeepQuantizer(n_subspaces=2, n_codewords=4, max_epochs=1,
+                      device="mps").fit(X[:40], y[:40])
+
+
+def test_hidden_layer_sizes_next_to_a_backbone_warns():
+    from sklearn.datasets import load_digits
+
+    from skquant import DeepQuantizer
+
+    X, y = load_digits(return_X_y=True)
+    common = dict(n_subspaces=2, n_codewords=4, max_epochs=1, random_state=0,
+                  backbone=torch.nn.Linear(64, 16))
+    with pytest.warns(UserWarning, match=r"hidden_layer_sizes=\(32,\) is ignored"):
+        DeepQuantizer(hidden_layer_sizes=(32,), **common).fit(X[:40], y[:40])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        DeepQuantizer(**common).fit(X[:40], y[:40])  # default: no warning
+
+
+def test_verbose_lines_show_progress_and_time_left(capsys):
+    from sklearn.datasets import load_digits
+
+    from skquant import DeepQuantizer
+
+    X, y = load_digits(return_X_y=True)
+    DeepQuantizer(n_subspaces=2, n_codewords=4, max_epochs=3, warmup_epochs=1,
+                  random_state=0, verbose=1).fit(X[:60], y[:60])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if " epoch " in ln]
+    assert [ln.split(",")[0] for ln in lines] == [
+        f"[DeepQuantizer] epoch {e}/3" for e in (1, 2, 3)
+    ]
+    assert all("elapsed = " in ln and "left ~ " in ln for ln in lines)
+    assert lines[-1].endswith("left ~ 0.0s")
+
+
 def test_torch_rng_context_reproducible_and_restores_global_stream():
     torch.manual_seed(123)
     reference = torch.rand(3)
@@ -326,7 +390,7 @@ def test_train_epochs_learns_reproducibly(capsys):
     assert history[-1]["loss"] < history[0]["loss"]
     assert set(history[0]) == {"epoch", "loss", "similarity", "time"}
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 5 and out[0].startswith("[Toy] epoch 1, loss = ")
+    assert len(out) == 5 and out[0].startswith("[Toy] epoch 1/5, loss = ")
     net2, history2, _, _ = _toy_problem()
     assert_array_equal(embed(net, X, "cpu"), embed(net2, X, "cpu"))  # bit-identical
     assert [h["loss"] for h in history] == [h["loss"] for h in history2]
