@@ -32,9 +32,11 @@ from contextlib import contextmanager
 from numbers import Integral, Real
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
+from sklearn.utils.sparsefuncs import mean_variance_axis
 from torch import nn
 
 __all__ = [
@@ -44,17 +46,20 @@ __all__ = [
     "build_embedding_network",
     "build_mlp",
     "check_input_shape",
+    "dense_rows",
     "embed",
     "inference_dtype",
     "inference_device",
     "iter_minibatches",
     "make_generator",
     "make_optimizer",
+    "minibatch",
     "prepare_labels",
     "resolve_device",
     "torch_rng_context",
     "torch_seed",
     "train_epochs",
+    "training_rows",
 ]
 
 
@@ -448,11 +453,25 @@ def _standardization_stats(X, input_shape=None):
     first axis of ``input_shape``), like the usual image normalisation, so
     that one rare non-zero pixel cannot be blown up by a tiny std.
     """
-    X = np.asarray(X)
-    if input_shape is None:
+    if sp.issparse(X):
+        # Per-feature moments without densifying (a TF-IDF matrix may not
+        # fit in memory dense); per-channel ones follow from them.
+        mean, var = mean_variance_axis(sp.csr_matrix(X, dtype=np.float64), axis=0)
+        if input_shape is not None:
+            n_channels = input_shape[0]
+            mean_f, var_f = mean.reshape(n_channels, -1), var.reshape(n_channels, -1)
+            per = mean_f.shape[1]
+            mean_c = mean_f.mean(axis=1)
+            var_c = (var_f + mean_f**2).mean(axis=1) - mean_c**2
+            mean = np.repeat(mean_c, per)
+            var = np.repeat(np.maximum(var_c, 0.0), per)
+        std = np.sqrt(var)
+    elif input_shape is None:
+        X = np.asarray(X)
         mean = X.mean(axis=0, dtype=np.float64)
         std = X.std(axis=0, dtype=np.float64)
     else:
+        X = np.asarray(X)
         n_channels = input_shape[0]
         Xc = X.reshape(X.shape[0], n_channels, -1)
         mean_c = Xc.mean(axis=(0, 2), dtype=np.float64)
@@ -544,7 +563,7 @@ def build_embedding_network(
     # Infer the backbone's flattened output width with a dry run on real rows
     # (eval mode: no dropout, no BatchNorm statistics update).
     # A copy: torch warns when wrapping read-only memory (joblib memmaps).
-    sample = torch.as_tensor(np.array(X[:2], dtype=np.float32))
+    sample = torch.as_tensor(dense_rows(X[:2], np.float32))
     was_training = body.training
     body.eval()
     try:
@@ -688,6 +707,52 @@ def prepare_labels(y, *, estimator_name="estimator"):
     raise ValueError(f"y must be 1-D or 2-D, got {y.ndim} dimensions")
 
 
+def dense_rows(X, dtype=np.float32):
+    """A fresh, writeable, C-ordered dense copy of rows ``X`` in ``dtype``.
+
+    ``X`` is a slice of the data: a numpy array (possibly a read-only
+    memmap, which torch cannot wrap without a warning) or a scipy sparse
+    matrix, densified here -- one mini-batch or one inference batch at a
+    time, so sparse data is never densified whole.
+
+    Examples
+    --------
+    >>> import scipy.sparse as sp
+    >>> dense_rows(sp.csr_matrix(np.eye(2)))
+    array([[1., 0.],
+           [0., 1.]], dtype=float32)
+    """
+    if sp.issparse(X):
+        return np.ascontiguousarray(X.toarray(), dtype=dtype)
+    return np.array(X, dtype=dtype, order="C")
+
+
+def training_rows(X):
+    """The training data in the form :func:`minibatch` reads it from.
+
+    Dense ``X``: one float32 tensor (sharing memory with a float32 C-ordered
+    ``X``); sparse ``X``: a CSR matrix, whose mini-batches are densified one
+    at a time.
+
+    Examples
+    --------
+    >>> minibatch(training_rows(np.eye(3)), torch.tensor([2, 0]), "cpu")
+    tensor([[0., 0., 1.],
+            [1., 0., 0.]])
+    """
+    if sp.issparse(X):
+        return sp.csr_matrix(X, dtype=np.float32)
+    # Writeable: torch warns when wrapping read-only memory (joblib memmaps).
+    return torch.from_numpy(np.require(X, np.float32, ["C", "W"]))
+
+
+def minibatch(rows, idx, device):
+    """Rows ``idx`` (a CPU LongTensor) of :func:`training_rows` on ``device``."""
+    if isinstance(rows, torch.Tensor):
+        return rows[idx].to(device, non_blocking=True)
+    return torch.from_numpy(dense_rows(rows[idx.numpy()])).to(device)
+
+
 def iter_minibatches(n_samples, batch_size, generator=None):
     """Yield index tensors of mini-batches.
 
@@ -815,9 +880,7 @@ def embed(module, X, device, batch_size=256):
     try:
         with torch.inference_mode():
             for start in range(0, X.shape[0], max(int(batch_size), 1)):
-                # A fresh array per batch (also for read-only memmaps, which
-                # torch cannot wrap without a warning).
-                chunk = np.array(X[start : start + batch_size], dtype=np_dtype)
+                chunk = dense_rows(X[start : start + batch_size], np_dtype)
                 out = network(torch.from_numpy(chunk).to(device))
                 chunks.append(out.to("cpu", torch.float32).numpy())
     except torch.cuda.OutOfMemoryError as exc:

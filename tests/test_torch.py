@@ -445,3 +445,33 @@ def test_no_warnings_from_plain_training():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _toy_problem(epochs=1)
+
+
+# --------------------------------------------------------------------------- #
+# sparse input: densified one batch at a time
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("input_shape", [None, (2, 3, 2)])
+def test_sparse_training_data_matches_dense(input_shape):
+    import scipy.sparse as sp
+
+    from skquant._torch import (
+        _standardization_stats,
+        build_embedding_network,
+        embed,
+        minibatch,
+        training_rows,
+    )
+
+    rng = np.random.RandomState(0)
+    X = rng.rand(40, 12) * (rng.rand(40, 12) < 0.3)
+    X_sparse = sp.csr_matrix(X)
+    for a, b in zip(_standardization_stats(X, input_shape),
+                    _standardization_stats(X_sparse, input_shape), strict=True):
+        assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    idx = torch.tensor([5, 0, 39, 5])
+    assert torch.equal(minibatch(training_rows(X), idx, "cpu"),
+                       minibatch(training_rows(X_sparse), idx, "cpu"))
+    torch.manual_seed(0)
+    net = build_embedding_network(X, embedding_dim=3, hidden_layer_sizes=(8,))
+    assert_array_equal(embed(net, X, "cpu", 7), embed(net, X_sparse, "cpu", 7))
+    assert_array_equal(embed(net, X, "cpu", 7), embed(net, X_sparse.tocsc(), "cpu", 40))
