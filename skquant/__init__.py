@@ -4,13 +4,13 @@ Estimators follow the scikit-learn API (``fit``/``transform``/``kneighbors``)
 and search by asymmetric quantizer distance over compact codes.
 """
 
-from ._base import BaseQuantizer, InconsistentVersionWarning
+from ._base import BaseQuantizer
 from ._dqn import DeepQuantizer
 from ._dsq import SphericalQuantizer
+from ._persistence import InconsistentVersionWarning
 from ._pq import ProductQuantizer
+from ._version import __version__
 from .neighbors import QuantizedKNeighborsTransformer
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "BaseQuantizer",

@@ -18,13 +18,14 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._base import BaseQuantizer
+from ._codebooks import ProductCodebooks
 from ._losses import (
     label_similarity,
     pairwise_cosine_loss,
     pairwise_inner_product_loss,
     product_quantization_loss,
 )
-from ._pq import (
+from ._product import (
     check_codebook_size,
     decode_product,
     encode_product,
@@ -217,9 +218,6 @@ class DeepQuantizer(BaseQuantizer):
     (1, 3)
     """
 
-    _codebook_layout = "product"
-    _metric = "euclidean"
-
     _parameter_constraints = {
         **BaseQuantizer._parameter_constraints,
         **NETWORK_PARAMETER_CONSTRAINTS,
@@ -387,13 +385,14 @@ class DeepQuantizer(BaseQuantizer):
         self.n_iter_ = n_iter
         if self.joint:
             # Final (C, H) step: match the codebooks to the final network.
-            self.codebooks_ = fit_subspace_codebooks(
+            codebooks = fit_subspace_codebooks(
                 Z, M, K, init=state["codebooks"], random_state=rng
             )
-            self.rotation_ = None
+            rotation = None
         else:
             # DQN_2+: quantize the learned embedding with OPQ.
-            self.rotation_, self.codebooks_ = fit_opq(Z, M, K, random_state=rng)
+            rotation, codebooks = fit_opq(Z, M, K, random_state=rng)
+        self.quantizer_ = ProductCodebooks(codebooks, rotation)
         return self
 
     def _embed(self, X):

@@ -2,6 +2,7 @@
 
 import pickle
 import warnings
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -16,6 +17,7 @@ from skquant import (
     ProductQuantizer,
     QuantizedKNeighborsTransformer,
 )
+from skquant._index import QuantizedIndex
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +86,37 @@ def test_pickle_without_version_warns(digits):
     clone = ProductQuantizer.__new__(ProductQuantizer)
     with pytest.warns(InconsistentVersionWarning, match="version unknown"):
         clone.__setstate__(state)
+
+
+# Pickles written by skquant before the codebook and index objects existed
+# (d3b457b; see tests/data/make_legacy_pickles.py): codebooks_, codes_, ... were
+# plain attributes and the inverted file's cells sat in a scan layout.
+LEGACY_PICKLES = Path(__file__).parent / "data" / "legacy_0.1.0.dev0.pkl"
+
+
+@pytest.mark.parametrize("name", ["pq", "opq_ivf", "dqn", "dsq_sparse"])
+def test_pickles_from_before_the_index_object_search_the_same(name, monkeypatch):
+    saved = pickle.loads(LEGACY_PICKLES.read_bytes())
+    assigned = []
+    original = QuantizedIndex.assign_cells
+    monkeypatch.setattr(
+        QuantizedIndex, "assign_cells",
+        lambda self, codes: assigned.append(len(codes)) or original(self, codes),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = pickle.loads(saved[name]["pickle"])
+    assert isinstance(est.index_, QuantizedIndex)
+    assert est.index_.quantizer is est.quantizer_
+    for got, expected in [
+        (est.kneighbors(saved["queries"], n_neighbors=5), saved[name]["kneighbors"]),
+        (est.kneighbors(n_neighbors=1), saved[name]["kneighbors_self"]),
+    ]:
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+    assert assigned == []  # the inverted file's cells came with the old pickle
+    # Saved again, it round-trips in today's format.
+    clone = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(
+        clone.kneighbors(saved["queries"])[1], est.kneighbors(saved["queries"])[1]
+    )
