@@ -31,7 +31,7 @@ from skquant._additive import (
     project_sparse,
     sparse_codebooks_csr,
 )
-from skquant._dsq import SphericalQuantizer
+from skquant._deep._dsq import SphericalQuantizer
 from skquant.metrics import mean_average_precision
 
 try:  # DeepQuantizer may be absent from older checkouts

@@ -5,8 +5,8 @@ and search by asymmetric quantizer distance over compact codes.
 """
 
 from ._base import BaseQuantizer
-from ._dqn import DeepQuantizer
-from ._dsq import SphericalQuantizer
+from ._deep._dqn import DeepQuantizer
+from ._deep._dsq import SphericalQuantizer
 from ._persistence import InconsistentVersionWarning
 from ._pq import ProductQuantizer
 from ._version import __version__

@@ -8,7 +8,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from skquant._additive import encode_beam, quantization_error
-from skquant._dsq import SphericalQuantizer
+from skquant._deep._dsq import SphericalQuantizer
 from skquant.metrics import mean_average_precision
 
 SMALL = dict(

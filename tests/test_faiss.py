@@ -106,7 +106,7 @@ def test_deep_quantizer_to_faiss(digits):
 
 
 def test_spherical_quantizer_to_faiss(digits):
-    dsq_module = pytest.importorskip("skquant._dsq")
+    dsq_module = pytest.importorskip("skquant._deep._dsq")
     X, y = digits
     dsq = dsq_module.SphericalQuantizer(
         n_codebooks=2, n_codewords=16, embedding_dim=16, hidden_layer_sizes=(32,),

@@ -19,7 +19,7 @@ from numpy.testing import assert_array_equal
 from sklearn.datasets import load_digits
 
 from skquant import DeepQuantizer, ProductQuantizer, QuantizedKNeighborsTransformer
-from skquant._dsq import SphericalQuantizer
+from skquant._deep._dsq import SphericalQuantizer
 
 DEEP = dict(max_epochs=2, warmup_epochs=1, device="cpu", random_state=0,
             hidden_layer_sizes=(16,))

@@ -10,14 +10,14 @@ from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from skquant._losses import (
+from skquant._deep._losses import (
     label_similarity,
     pairwise_cosine_loss,
     pairwise_inner_product_loss,
     product_quantization_loss,
     product_reconstruction,
 )
-from skquant._torch import (
+from skquant._deep._torch import (
     EmbeddingNetwork,
     build_embedding_network,
     build_mlp,

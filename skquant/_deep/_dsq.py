@@ -7,7 +7,7 @@ import torch
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 
-from ._additive import (
+from .._additive import (
     additive_decode,
     encode_beam,
     encode_icm,
@@ -16,8 +16,8 @@ from ._additive import (
     residual_kmeans,
     update_codebooks,
 )
-from ._base import BaseQuantizer
-from ._codebooks import AdditiveCodebooks
+from .._base import BaseQuantizer
+from .._codebooks import AdditiveCodebooks
 from ._dsq_losses import CosineClassifier, softmax_loss
 from ._losses import mean_squared_distance
 from ._torch import (

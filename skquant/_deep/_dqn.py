@@ -17,20 +17,20 @@ import torch
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._base import BaseQuantizer
-from ._codebooks import ProductCodebooks
-from ._losses import (
-    label_similarity,
-    pairwise_cosine_loss,
-    pairwise_inner_product_loss,
-    product_quantization_loss,
-)
-from ._product import (
+from .._base import BaseQuantizer
+from .._codebooks import ProductCodebooks
+from .._product import (
     check_codebook_size,
     decode_product,
     encode_product,
     fit_opq,
     fit_subspace_codebooks,
+)
+from ._losses import (
+    label_similarity,
+    pairwise_cosine_loss,
+    pairwise_inner_product_loss,
+    product_quantization_loss,
 )
 from ._torch import (
     NETWORK_PARAMETER_CONSTRAINTS,
@@ -207,7 +207,7 @@ class DeepQuantizer(BaseQuantizer):
     Examples
     --------
     >>> from sklearn.datasets import load_digits
-    >>> from skquant._dqn import DeepQuantizer
+    >>> from skquant._deep._dqn import DeepQuantizer
     >>> X, y = load_digits(return_X_y=True)
     >>> dqn = DeepQuantizer(n_subspaces=2, n_codewords=16, max_epochs=5,
     ...                     warmup_epochs=2, device="cpu", random_state=0)
