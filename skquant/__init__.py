@@ -4,13 +4,21 @@ Estimators follow the scikit-learn API (``fit``/``transform``/``kneighbors``)
 and search by asymmetric quantizer distance over compact codes.
 """
 
+import sys as _sys
+
 from ._base import BaseQuantizer
+from ._deep import _dqn, _dsq
 from ._deep._dqn import DeepQuantizer
 from ._deep._dsq import SphericalQuantizer
 from ._persistence import InconsistentVersionWarning
 from ._pq import ProductQuantizer
 from ._version import __version__
 from .neighbors import QuantizedKNeighborsTransformer
+
+# A pickle names the module that defined its class: those written before the
+# deep estimators moved into skquant._deep name skquant._dqn / skquant._dsq.
+_sys.modules.setdefault(f"{__name__}._dqn", _dqn)
+_sys.modules.setdefault(f"{__name__}._dsq", _dsq)
 
 __all__ = [
     "BaseQuantizer",

@@ -1,4 +1,4 @@
-"""Tests for the shared torch layer (skquant._torch) and the losses (skquant._losses)."""
+"""Tests for the shared torch layer (skquant._deep._torch) and the losses (skquant._deep._losses)."""
 
 import pickle
 import warnings
