@@ -31,7 +31,7 @@ from skquant._additive import (
     project_sparse,
     sparse_codebooks_csr,
 )
-from skquant._dsq import SphericalQuantizer
+from skquant._deep._dsq import SphericalQuantizer
 from skquant.metrics import mean_average_precision
 
 try:  # DeepQuantizer may be absent from older checkouts
@@ -95,16 +95,16 @@ def table_times(model, X_query, repeat):
 
     lut = both(lambda c: inner_product_tables(Z, C, csr=c, negate=True), repeat)
     lut1 = both(lambda c: inner_product_tables(one, C, csr=c, negate=True), n1)
-    saved = model._codebooks_csr
+    saved = model.quantizer_.csr
 
     def knn(c):
-        model._codebooks_csr = c
+        model.quantizer_.csr = c
         model.kneighbors(X_query, n_neighbors=10)
 
     try:
         kn = both(knn, max(repeat // 2, 3))
     finally:
-        model._codebooks_csr = saved
+        model.quantizer_.csr = saved
     return [
         lut[0] * 1e3,
         lut[1] * 1e3,

@@ -200,7 +200,7 @@ def get_spherical_quantizer():
 
     if hasattr(skquant, "SphericalQuantizer"):
         return skquant.SphericalQuantizer
-    from skquant._dsq import SphericalQuantizer
+    from skquant._deep._dsq import SphericalQuantizer
 
     return SphericalQuantizer
 

@@ -288,7 +288,8 @@ def non_exhaustive(args, mixture, out):
     import faiss
 
     from skquant import ProductQuantizer
-    from skquant._ivf import train_coarse_quantizer
+    from skquant._codebooks import ProductCodebooks
+    from skquant._index import train_coarse_quantizer
 
     threads, M, n, k = args.threads, 8, args.ivf_n, args.k
     faiss.omp_set_num_threads(threads)
@@ -324,13 +325,14 @@ def non_exhaustive(args, mixture, out):
     pq = ProductQuantizer(n_subspaces=M, n_jobs=threads, n_lists=args.n_lists)
     from faiss.contrib.inspect_tools import get_pq_centroids
 
-    pq.codebooks_ = np.ascontiguousarray(get_pq_centroids(pq_index.pq), dtype=np.float32)
-    pq.rotation_ = None
+    pq.quantizer_ = ProductCodebooks(
+        np.ascontiguousarray(get_pq_centroids(pq_index.pq), dtype=np.float32)
+    )
     pq.n_features_in_ = DIM
     pq._set_index(codes, None)
     exhaustive = ProductQuantizer(n_subspaces=M, n_jobs=threads)
     exhaustive.set_params()
-    exhaustive.codebooks_, exhaustive.rotation_ = pq.codebooks_, None
+    exhaustive.quantizer_ = pq.quantizer_
     exhaustive.n_features_in_ = DIM
     exhaustive._set_index(codes, None)
     del codes

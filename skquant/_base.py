@@ -1,32 +1,34 @@
-"""BaseQuantizer: what every skquant estimator shares.
+"""BaseQuantizer: the scikit-learn glue every skquant estimator shares.
 
-Validation, the searchable index (codes of the database and their labels),
-``transform``/``encode``/``decode``, ``kneighbors`` with exactly the semantics
-of :class:`sklearn.neighbors.NearestNeighbors`, and ``score`` (retrieval mAP).
-Subclasses only learn a model: see the hooks documented on :class:`BaseQuantizer`.
+Validation at the public boundary, parameters, and delegation: a fitted
+estimator holds its codebooks (``quantizer_``, see :mod:`skquant._codebooks`)
+and its searchable database (``index_``, a
+:class:`~skquant._index.QuantizedIndex`); ``encode``/``decode`` go to the
+first, ``index``/``add``/``kneighbors`` to the second. ``kneighbors`` has
+exactly the semantics of :class:`sklearn.neighbors.NearestNeighbors`, and
+``score`` is retrieval mAP. Subclasses only learn a model: see the hooks
+documented on :class:`BaseQuantizer`.
 """
 
 import numbers
-import warnings
-import zlib
 from numbers import Integral
 
 import numpy as np
-from sklearn import get_config
 from sklearn.base import (
     BaseEstimator,
     ClassNamePrefixFeaturesOutMixin,
     TransformerMixin,
     _fit_context,
 )
-from sklearn.exceptions import InconsistentVersionWarning as _SklearnVersionWarning
 from sklearn.neighbors._base import KNeighborsMixin
 from sklearn.utils import gen_batches, gen_even_slices
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._codebooks import AdditiveCodebooks, ProductCodebooks
 from ._convergence import warn_if_collapsed
-from ._search import CodeLayout, aqd_search, euclidean_tables, inner_product_tables
+from ._index import QuantizedIndex, rows_per_chunk
+from ._persistence import _VersionedPickleMixin
 
 
 def _check_labels(y, n_samples):
@@ -72,136 +74,6 @@ def _check_float32_range(X):
     return X
 
 
-class InconsistentVersionWarning(_SklearnVersionWarning):
-    """Warning raised when an estimator is unpickled under another skquant version.
-
-    A subclass of scikit-learn's warning of the same name, so filters set for
-    scikit-learn's also apply.
-
-    Parameters
-    ----------
-    estimator_name : str
-        Estimator name.
-    current_skquant_version : str
-        The skquant version that loads the estimator.
-    original_skquant_version : str
-        The skquant version that pickled it.
-    """
-
-    def __init__(self, *, estimator_name, current_skquant_version, original_skquant_version):
-        super().__init__(
-            estimator_name=estimator_name,
-            current_sklearn_version=current_skquant_version,
-            original_sklearn_version=original_skquant_version,
-        )
-        self.current_skquant_version = current_skquant_version
-        self.original_skquant_version = original_skquant_version
-
-    def __str__(self):
-        return (
-            f"Trying to unpickle estimator {self.estimator_name} from skquant "
-            f"version {self.original_skquant_version} when using version "
-            f"{self.current_skquant_version}. This might lead to breaking code or "
-            "invalid results. Use at your own risk; refit the estimator, or load it "
-            "with the version that saved it."
-        )
-
-
-def _fitted_data_crc(state):
-    """CRC-32 of the numeric data of an estimator's state.
-
-    Covers numpy arrays, scipy sparse arrays, torch tensors and modules
-    (their ``state_dict``), inside dicts, lists, tuples and skquant's own
-    helper objects (code layouts, inverted lists). Python scalars and strings
-    are left out: a flipped byte there breaks the pickle's structure or is
-    caught by the unpickler, while one inside array data loads silently.
-    """
-    crc = 0
-
-    # No deduplication of shared arrays (codes_ and its layout's codes): a
-    # pickle keeps them shared, joblib's files store them twice, and the sum
-    # must not depend on which wrote it.
-    def feed(obj):
-        nonlocal crc
-        if isinstance(obj, np.ndarray):
-            if obj.dtype.hasobject:
-                for item in obj.ravel(order="K"):
-                    feed(item)
-                return
-            if obj.size == 0:
-                return
-            # C order whatever the memory layout (a loader may change it),
-            # a few MiB at a time (codes_ is Fortran-ordered).
-            rows = obj.reshape(obj.shape[0], -1) if obj.ndim else obj.reshape(1, 1)
-            step = max(1, 2**22 // max(1, rows[:1].nbytes))
-            for start in range(0, rows.shape[0], step):
-                block = np.ascontiguousarray(rows[start : start + step])
-                crc = zlib.crc32(block.view(np.uint8), crc)
-        elif isinstance(obj, dict):
-            for key in sorted(obj, key=repr):
-                feed(obj[key])
-        elif isinstance(obj, (list, tuple)):
-            for item in obj:
-                feed(item)
-        elif hasattr(obj, "tocsr") and hasattr(obj, "data"):  # scipy sparse
-            for name in ("data", "indices", "indptr", "row", "col", "offsets"):
-                feed(getattr(obj, name, None))
-        elif type(obj).__module__.startswith("torch"):
-            import torch
-
-            if isinstance(obj, torch.nn.Module):
-                feed(dict(obj.state_dict()))
-            elif isinstance(obj, torch.Tensor):
-                feed(obj.detach().cpu().numpy())
-        elif type(obj).__module__.startswith("skquant."):
-            feed(obj.__getstate__() if hasattr(obj, "__getstate__") else vars(obj))
-
-    feed(state)
-    return crc
-
-
-class _VersionedPickleMixin:
-    """Store the skquant version and a checksum of the fitted data in pickles.
-
-    Loading warns under another skquant version, and raises when the
-    checksum does not match: a flipped byte inside an array would otherwise
-    load silently and change every search result.
-    """
-
-    def __getstate__(self):
-        from . import __version__
-
-        # A copy: BaseEstimator.__getstate__ may return the instance __dict__ itself.
-        state = dict(super().__getstate__(), _skquant_version=__version__)
-        state["_skquant_crc32"] = _fitted_data_crc(state)
-        return state
-
-    def __setstate__(self, state):
-        from . import __version__
-
-        state = dict(state)
-        expected = state.pop("_skquant_crc32", None)
-        # Pickles written before the checksum existed have none to verify.
-        if expected is not None and _fitted_data_crc(state) != expected:
-            raise ValueError(
-                f"The pickled {type(self).__name__} is corrupt: the checksum of "
-                "its fitted arrays (codebooks, codes, network weights) does not "
-                "match the one stored when it was saved. Load an intact copy or "
-                "refit the estimator."
-            )
-        pickle_version = state.pop("_skquant_version", "unknown")
-        if pickle_version != __version__:
-            warnings.warn(
-                InconsistentVersionWarning(
-                    estimator_name=type(self).__name__,
-                    current_skquant_version=__version__,
-                    original_skquant_version=pickle_version,
-                ),
-                stacklevel=2,
-            )
-        super().__setstate__(state)
-
-
 class BaseQuantizer(
     _VersionedPickleMixin,
     ClassNamePrefixFeaturesOutMixin,
@@ -216,22 +88,20 @@ class BaseQuantizer(
 
     Notes
     -----
-    A subclass provides these hooks:
+    A subclass provides two hooks:
 
-    - ``_codebook_layout`` ("product" or "additive"): block codebooks
-      ``(M, K, D / M)`` whose codewords are concatenated, or full-dimensional
-      codebooks ``(M, K, D)`` whose codewords are summed.
-    - ``_metric`` ("euclidean" or "inner_product"): what the lookup tables
-      approximate; ``kneighbors`` reports the Euclidean AQD, or ``1 - <z_q, x̂>``.
     - ``_fit(X, y)``: learn the model from validated ``X`` and labels (``None``,
-      1-D, or a 2-D indicator); set ``codebooks_`` and optionally ``rotation_``.
+      1-D, or a 2-D indicator); set ``quantizer_``, a codebook object of
+      :mod:`skquant._codebooks` (product or additive codebooks, which also
+      fix the metric that ``kneighbors`` reports).
     - ``_embed(X)``: validated ``X`` -> float32 embedding ``(n, D)``.
-    - ``_encode_embedding``, ``_decode_codes``, ``_lookup_tables``: have
-      defaults for product codebooks; additive quantizers override them.
-    """
 
-    _codebook_layout = "product"
-    _metric = "euclidean"
+    Everything else is delegated: ``fit`` then indexes ``X`` in ``index_``,
+    a :class:`~skquant._index.QuantizedIndex` holding ``quantizer_``. The
+    documented fitted attributes (``codebooks_``, ``rotation_``, ``codes_``,
+    ``database_labels_``, ``n_samples_fit_``, ``coarse_centroids_``) read
+    through to these two objects.
+    """
 
     _parameter_constraints = {
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
@@ -268,7 +138,10 @@ class BaseQuantizer(
             # (CPU-dependent) must not pass silently.
             warn_if_collapsed(self, codes, y)
         self._set_index(codes, y)
-        self._fit_coarse_quantizer()
+        if getattr(self, "n_lists", None) is not None:
+            self.index_.train_inverted_file(
+                self.n_lists, random_state=getattr(self, "random_state", None)
+            )
         return self
 
     def index(self, X, y=None):
@@ -288,7 +161,7 @@ class BaseQuantizer(
         """
         check_is_fitted(self)
         X, y = self._validate_input(X, y, reset=False)
-        self._set_index(self._encode_rows(X), y)
+        self.index_.replace(self._encode_rows(X), y)
         return self
 
     def add(self, X, y=None):
@@ -317,21 +190,14 @@ class BaseQuantizer(
                 else "The index was built without labels, so add() cannot take y; "
                 "rebuild it with index(X, y)."
             )
-        layout = self._search_layout_or_none()
-        codes = np.concatenate([self.codes_, self._encode_rows(X)])
-        if has_labels:
-            if y.ndim != self.database_labels_.ndim or (
-                y.ndim == 2 and y.shape[1] != self.database_labels_.shape[1]
-            ):
-                raise ValueError(
-                    f"y of shape {y.shape} does not match the indexed labels of "
-                    f"shape {self.database_labels_.shape}."
-                )
-            y = np.concatenate([self.database_labels_, y])
-        self._set_index(codes, y)
-        if layout is not None:
-            # Keep the inverted-file cells already computed for the old items.
-            self._search_layout = layout.extended(self.codes_)
+        if has_labels and (y.ndim != self.database_labels_.ndim or (
+            y.ndim == 2 and y.shape[1] != self.database_labels_.shape[1]
+        )):
+            raise ValueError(
+                f"y of shape {y.shape} does not match the indexed labels of "
+                f"shape {self.database_labels_.shape}."
+            )
+        self.index_.add(self._encode_rows(X), y)
         return self
 
     def _validate_X(self, X, *, reset=False):
@@ -348,75 +214,45 @@ class BaseQuantizer(
         return X, (None if y is None else _check_labels(y, X.shape[0]))
 
     def _set_index(self, codes, y):
-        # Fortran order: each sub-space's codes are contiguous, which is the
-        # layout the search engine scans (codes_.T is then a free view).
-        self.codes_ = np.asfortranarray(codes)
-        self.database_labels_ = y
-        self.n_samples_fit_ = codes.shape[0]
-        # Derived search layouts (pair codes, inverted file) of the old codes.
-        self._search_layout = None
+        """A new index of ``codes`` (and labels ``y``) over ``quantizer_``."""
+        self.index_ = QuantizedIndex(self.quantizer_, codes, y)
 
-    # ------------------------------------------------------------------ IVF
-    def _fit_coarse_quantizer(self):
-        """Coarse centroids of the inverted file (``n_lists``), on the
-        reconstructions of the indexed items; None for exhaustive search."""
-        n_lists = getattr(self, "n_lists", None)
-        if n_lists is None:
-            self.coarse_centroids_ = None
-            return
-        from ._ivf import _MAX_POINTS_PER_LIST, train_coarse_quantizer
+    # ------------------------------------------------------------------ fitted attributes
+    # The documented attributes read through to the codebooks and the index,
+    # which own them.
+    @property
+    def codebooks_(self):
+        return self.quantizer_.codebooks
 
-        n_items = self.codes_.shape[0]
-        # k-means samples a bounded number of items per cell: decode only those.
-        seed = _seed_of(getattr(self, "random_state", None))
-        rng = np.random.default_rng(seed)
-        sample = np.arange(n_items)
-        max_points = _MAX_POINTS_PER_LIST * n_lists
-        if n_items > max_points:
-            sample = np.sort(rng.choice(n_items, max_points, replace=False))
-        self.coarse_centroids_ = train_coarse_quantizer(
-            self._decode_codes(self.codes_[sample]), n_lists,
-            metric=self._metric, random_state=seed,
-        )
+    @property
+    def rotation_(self):
+        return self.quantizer_.rotation
 
-    def _search_layout_or_none(self):
-        layout = getattr(self, "_search_layout", None)
-        if layout is not None and layout.matches(self.codes_):
-            return layout
-        return None
+    @property
+    def codes_(self):
+        return self.index_.codes
 
-    def _code_layout(self):
-        """Cached scan layouts of ``codes_`` (rebuilt when ``codes_`` changes)."""
-        layout = self._search_layout_or_none()
-        if layout is None:
-            layout = self._search_layout = CodeLayout(self.codes_)
-        return layout
+    @codes_.setter
+    def codes_(self, codes):
+        # Replacing the codes keeps the labels and the coarse quantizer; the
+        # cells are rebuilt from the new codes.
+        self.index_.replace(codes, self.index_.labels)
 
-    def _assign_cells(self, codes):
-        """Cell of each code row: nearest coarse centroid of its reconstruction."""
-        from ._ivf import assign_lists
+    @property
+    def database_labels_(self):
+        return self.index_.labels
 
-        cells = np.empty(len(codes), dtype=np.int32)
-        row_bytes = 4 * (self._n_features_out + self.coarse_centroids_.shape[0])
-        for batch in gen_batches(len(codes), _rows_per_chunk(row_bytes)):
-            cells[batch] = assign_lists(
-                self._decode_codes(codes[batch]), self.coarse_centroids_, self._metric
-            )
-        return cells
+    @property
+    def n_samples_fit_(self):
+        return self.index_.n_items
 
-    def _inverted_lists(self):
-        """The inverted file of the index, or None for exhaustive search."""
-        n_lists = getattr(self, "n_lists", None)
-        if n_lists is None:
-            return None
-        centroids = getattr(self, "coarse_centroids_", None)
-        if centroids is None or centroids.shape[0] != n_lists:
-            raise ValueError(
-                f"n_lists={n_lists} but the coarse quantizer was trained with "
-                f"{0 if centroids is None else centroids.shape[0]} cells: call fit "
-                f"again after changing n_lists (n_probe can change at any time)."
-            )
-        return self._code_layout().inverted_lists(centroids, self._assign_cells)
+    @property
+    def coarse_centroids_(self):
+        return self.index_.coarse_centroids
+
+    @coarse_centroids_.setter
+    def coarse_centroids_(self, centroids):
+        self.index_.coarse_centroids = centroids
 
     # ------------------------------------------------------------------ codes
     def transform(self, X):
@@ -468,7 +304,7 @@ class BaseQuantizer(
         """
         check_is_fitted(self)
         codes = np.asarray(codes)
-        n_codebooks, n_codewords, _ = self.codebooks_.shape
+        n_codebooks, n_codewords = self.quantizer_.n_codebooks, self.quantizer_.n_codewords
         if codes.ndim != 2 or codes.shape[1] != n_codebooks:
             raise ValueError(
                 f"codes must have shape (n_samples, {n_codebooks}); got {codes.shape}."
@@ -480,70 +316,23 @@ class BaseQuantizer(
                 f"codes must lie in [0, {n_codewords - 1}] (n_codewords={n_codewords}); "
                 f"got values in [{codes.min()}, {codes.max()}]."
             )
-        return self._decode_codes(codes)
+        return self.quantizer_.decode(codes)
 
     def _encode_rows(self, X):
         """Embed and encode ``X`` in row batches, so memory stays bounded."""
-        n_codebooks, n_codewords, _ = self.codebooks_.shape
-        # Fortran order, as _set_index stores it: no second copy of the codes.
+        quantizer = self.quantizer_
+        # Fortran order, as the index stores it: no second copy of the codes.
         codes = np.empty(
-            (X.shape[0], n_codebooks),
-            dtype=np.uint8 if n_codewords <= 256 else np.uint16,
-            order="F",
+            (X.shape[0], quantizer.n_codebooks), dtype=quantizer.code_dtype, order="F"
         )
-        row_bytes = 8 * (X.shape[1] + self._n_features_out + n_codewords)
-        for batch in gen_batches(X.shape[0], _rows_per_chunk(row_bytes)):
-            codes[batch] = self._encode_embedding(self._embed(X[batch]))
+        row_bytes = 8 * (X.shape[1] + quantizer.dim + quantizer.n_codewords)
+        for batch in gen_batches(X.shape[0], rows_per_chunk(row_bytes)):
+            codes[batch] = quantizer.encode(self._embed(X[batch]))
         return codes
-
-    # Default hooks, for product (block) codebooks.
-    def _rotate(self, Z):
-        rotation = getattr(self, "rotation_", None)
-        # float64: a float32 GEMM rounds a row differently with the batch it
-        # shares; every consumer (encoder, tables) works in float64 anyway.
-        return Z if rotation is None else np.asarray(Z, np.float64) @ rotation
-
-    def _encode_embedding(self, Z):
-        from ._pq import encode_product
-
-        return encode_product(self._rotate(Z), self.codebooks_)
-
-    def _decode_codes(self, codes):
-        if self._codebook_layout == "additive":
-            decoded = np.zeros((len(codes), self.codebooks_.shape[2]), dtype=np.float32)
-            for m in range(self.codebooks_.shape[0]):
-                decoded += self.codebooks_[m][codes[:, m]]
-            return decoded
-        from ._pq import decode_product
-
-        decoded = decode_product(codes, self.codebooks_)
-        rotation = getattr(self, "rotation_", None)
-        if rotation is None:
-            return decoded
-        return (decoded.astype(np.float64) @ rotation.T).astype(np.float32)
-
-    def _lookup_tables(self, Z):
-        Z = self._rotate(Z)
-        if self._metric == "euclidean":
-            if self._codebook_layout != "product":
-                raise NotImplementedError(
-                    "Euclidean tables need per-item norms for additive codebooks."
-                )
-            return euclidean_tables(Z, self.codebooks_)
-        return inner_product_tables(Z, self.codebooks_, layout=self._codebook_layout)
-
-    def _tables_to_distances(self, values):
-        values = values.astype(np.float64)
-        if self._metric == "euclidean":
-            return np.sqrt(np.maximum(values, 0.0))
-        # tables hold -<z, c>: 1 + sum = 1 - <z_q, x̂>; clipped at 0 so that graph
-        # consumers always see non-negative distances (order is unchanged).
-        return np.maximum(1.0 + values, 0.0)
 
     @property
     def _n_features_out(self):
-        n_codebooks, _, dim = self.codebooks_.shape
-        return dim * n_codebooks if self._codebook_layout == "product" else dim
+        return self.quantizer_.dim
 
     # ------------------------------------------------------------------ search
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
@@ -607,39 +396,27 @@ class BaseQuantizer(
                 f"n_samples = {n_queries}"
             )
 
-        n_codebooks, n_codewords, _ = self.codebooks_.shape
-        ivf = self._inverted_lists()
+        n_probe = self._n_probe()
+        index, quantizer = self.index_, self.quantizer_
         # A chunk of queries holds its lookup tables three times over (the
         # float64 intermediates of the table build, the float32 tables, the
         # engine's transposed copy: 24 bytes per entry), embeddings, coarse
         # scores and results.
-        row_bytes = 24 * n_codebooks * n_codewords + 8 * self._n_features_out
-        row_bytes += 16 * n_neighbors + (0 if ivf is None else 4 * ivf.n_lists)
+        row_bytes = 24 * quantizer.n_codebooks * quantizer.n_codewords + 8 * quantizer.dim
+        row_bytes += 16 * n_neighbors + (0 if n_probe is None else 4 * index.n_lists)
         neigh_dist = np.empty((n_queries, n_neighbors), dtype=np.float64)
         neigh_ind = np.empty((n_queries, n_neighbors), dtype=np.intp)
         # Even chunks: a remainder of a few queries would take the single-query
         # kernel, whose pair-code cache is extra memory the batch kernel avoids.
-        n_chunks = -(-n_queries // _rows_per_chunk(row_bytes))
+        n_chunks = -(-n_queries // rows_per_chunk(row_bytes))
         for batch in gen_even_slices(n_queries, n_chunks):
             if query_is_train:
-                Z = self._decode_codes(self.codes_[batch])
+                Z = quantizer.decode(index.codes[batch])
             else:
                 Z = self._embed(X[batch])
-            if ivf is None:
-                values, indices = aqd_search(
-                    self._lookup_tables(Z), self.codes_, n_neighbors,
-                    n_jobs=self.n_jobs, layout=self._code_layout(),
-                )
-            else:
-                from ._ivf import coarse_scores, ivf_search
-
-                values, indices = ivf_search(
-                    self._lookup_tables(Z),
-                    coarse_scores(Z, self.coarse_centroids_, self._metric),
-                    ivf, n_neighbors, n_probe=self.n_probe, n_jobs=self.n_jobs,
-                )
-            neigh_dist[batch] = self._tables_to_distances(values)
-            neigh_ind[batch] = indices
+            neigh_dist[batch], neigh_ind[batch] = index.search(
+                Z, n_neighbors, n_probe=n_probe, n_jobs=self.n_jobs
+            )
 
         if query_is_train:
             # Remove each item from its own list by index (not by distance: the
@@ -657,6 +434,20 @@ class BaseQuantizer(
         if return_distance:
             return neigh_dist, neigh_ind
         return neigh_ind
+
+    def _n_probe(self):
+        """Cells to probe (``n_probe``), or None for exhaustive search."""
+        n_lists = getattr(self, "n_lists", None)
+        if n_lists is None:
+            return None
+        if self.index_.n_lists != n_lists:
+            trained = self.index_.n_lists or 0
+            raise ValueError(
+                f"n_lists={n_lists} but the coarse quantizer was trained with "
+                f"{trained} cells: call fit again after changing n_lists (n_probe "
+                f"can change at any time)."
+            )
+        return self.n_probe
 
     def score(self, X, y):
         """Mean average precision of ``X`` as queries against the indexed database.
@@ -706,6 +497,11 @@ class BaseQuantizer(
         check_is_fitted(self)
         return to_faiss(self)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)  # checksum and version checks
+        if "codes_" in self.__dict__:
+            _upgrade_legacy_state(self.__dict__)
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         # transform returns float32 embeddings, whatever the input dtype.
@@ -713,15 +509,36 @@ class BaseQuantizer(
         return tags
 
 
-def _seed_of(random_state):
-    """An int seed (or None) from an int / RandomState / None, without
-    advancing a shared RandomState more than once."""
-    if random_state is None or isinstance(random_state, numbers.Integral):
-        return random_state
-    return int(random_state.randint(np.iinfo(np.int32).max))
+def _upgrade_legacy_state(state):
+    """Rebuild ``quantizer_`` and ``index_`` from the plain attributes that
+    pickles kept before the codebook and index objects (d3b457b and earlier).
 
-
-def _rows_per_chunk(row_bytes):
-    """Rows that fit in ``working_memory`` (at least 1)."""
-    working_memory = get_config()["working_memory"]
-    return max(1, int(working_memory * 2**20) // max(1, int(row_bytes)))
+    ``state`` is the estimator's ``__dict__``, changed in place; the checksum
+    of the old state has already been verified.
+    """
+    codebooks = state.pop("codebooks_")
+    rotation = state.pop("rotation_", None)
+    if "_codebooks_csr" in state:
+        # Only SphericalQuantizer (additive codebooks) kept a CSR copy.
+        del state["_codebooks_csr"]
+        quantizer = AdditiveCodebooks(
+            codebooks, sparsity=state["sparsity"],
+            n_icm_sweeps=state["n_icm_sweeps"], beam_width=state["beam_width"],
+        )
+    else:
+        quantizer = ProductCodebooks(codebooks, rotation)
+    codes = state.pop("codes_")
+    centroids = state.pop("coarse_centroids_", None)
+    # The inverted file's cells were cached on the scan layout, as
+    # (centroids, cells); they hold for the codes as long as the centroids match.
+    layout = state.pop("_search_layout", None)
+    seed = getattr(layout, "_legacy", {}).get("seed")
+    cells = None
+    if seed is not None and centroids is not None and np.array_equal(seed[0], centroids):
+        cells = seed[1]
+    state.pop("n_samples_fit_", None)
+    state["quantizer_"] = quantizer
+    state["index_"] = QuantizedIndex(
+        quantizer, codes, state.pop("database_labels_", None),
+        coarse_centroids=centroids, cells=cells,
+    )

@@ -26,6 +26,8 @@ result.
 
 import numpy as np
 
+from ._codebooks import AdditiveCodebooks, ProductCodebooks
+
 __all__ = ["from_faiss", "to_faiss"]
 
 
@@ -97,7 +99,7 @@ def _ivf_pq(faiss, estimator, coarse, rotation, n_bits, faiss_metric):
 
 def _fill_inverted_lists(faiss, estimator, index, codes, n_bits):
     packed = _pack_codes(faiss, codes, n_bits)
-    cells = estimator._assign_cells(np.asarray(codes))
+    cells = estimator.index_.assign_cells(np.asarray(codes))
     order = np.argsort(cells, kind="stable")
     bounds = np.searchsorted(cells[order], np.arange(index.nlist + 1))
     for cell in range(index.nlist):
@@ -144,12 +146,12 @@ def to_faiss(estimator):
     n_codebooks, n_codewords, sub_dim = codebooks.shape
     n_bits = _n_bits(n_codewords)
     padded = _padded_codebooks(codebooks, n_bits)
-    layout = estimator._codebook_layout
-    metric = estimator._metric
+    quantizer = estimator.quantizer_
+    metric = quantizer.metric
 
     rotation = getattr(estimator, "rotation_", None)
     coarse = getattr(estimator, "coarse_centroids_", None)
-    if layout == "product":
+    if isinstance(quantizer, ProductCodebooks):
         dim = n_codebooks * sub_dim
         faiss_metric = faiss.METRIC_L2 if metric == "euclidean" else faiss.METRIC_INNER_PRODUCT
         if coarse is None:
@@ -164,7 +166,7 @@ def to_faiss(estimator):
             _fill_codes(faiss, index, codes, n_bits)
         else:
             _fill_inverted_lists(faiss, estimator, index, codes, n_bits)
-    elif layout == "additive" and metric == "inner_product":
+    elif isinstance(quantizer, AdditiveCodebooks) and metric == "inner_product":
         dim = sub_dim
         index = faiss.IndexResidualQuantizer(
             dim,
@@ -180,7 +182,7 @@ def to_faiss(estimator):
     else:
         raise NotImplementedError(
             f"to_faiss() supports product codebooks and inner-product additive "
-            f"codebooks; {type(estimator).__name__} has {layout} codebooks with a "
+            f"codebooks; {type(estimator).__name__} has {type(quantizer).__name__} with a "
             f"{metric} metric (faiss would need the per-item norms)."
         )
 
@@ -269,8 +271,7 @@ def from_faiss(cls, index):
     estimator = cls(
         n_subspaces=n_codebooks, n_codewords=2**n_bits, rotation=rotation is not None
     )
-    estimator.codebooks_ = codebooks
-    estimator.rotation_ = rotation
+    estimator.quantizer_ = ProductCodebooks(codebooks, rotation)
     estimator.n_iter_ = 0
     estimator.n_features_in_ = int(index.d)
     estimator._set_index(codes, None)

@@ -1,7 +1,11 @@
-"""Inverted file (IVF) for non-exhaustive AQD search.
+"""Inverted-file (IVF) scan: non-exhaustive AQD search over some cells.
 
 A coarse k-means partitions the database into ``n_lists`` cells; a query only
 scans the items of the ``n_probe`` cells whose centroids are nearest to it.
+This module is the kernel side: the cell layout of the codes
+(:class:`InvertedLists`), cell scores and assignment, and the scan. Training
+the coarse centroids and keeping the cells up to date belong to the index
+(:class:`~skquant._index.QuantizedIndex`).
 
 Design choices (shared by every estimator, see ``benchmarks/bench_search.py``):
 
@@ -33,8 +37,7 @@ Design choices (shared by every estimator, see ``benchmarks/bench_search.py``):
 import numpy as np
 from joblib import effective_n_jobs
 from sklearn import get_config
-from sklearn.cluster import KMeans
-from sklearn.utils import check_random_state, gen_batches
+from sklearn.utils import gen_batches
 
 from . import _search
 from ._search import (
@@ -50,67 +53,7 @@ __all__ = [
     "assign_lists",
     "coarse_scores",
     "ivf_search",
-    "train_coarse_quantizer",
 ]
-
-# Training points per cell: faiss warns below 39 and samples at most 256; the
-# coarse cells only steer the probing (they never change a distance), so 64
-# points and 20 Lloyd iterations (faiss trains IVF centroids with 10-25) keep
-# training at seconds for thousands of cells.
-_MAX_POINTS_PER_LIST = 64
-_COARSE_MAX_ITER = 20
-
-
-def train_coarse_quantizer(X, n_lists, *, metric="euclidean", random_state=None):
-    """Coarse centroids of an inverted file: k-means on (a sample of) ``X``.
-
-    Parameters
-    ----------
-    X : ndarray of shape (n_samples, n_features)
-        Vectors to partition (the database reconstructions).
-    n_lists : int
-        Number of cells; at most ``n_samples``.
-    metric : {"euclidean", "inner_product"}, default="euclidean"
-        For inner product the centroids are L2-normalised (spherical cells),
-        so the most similar centroid is also the nearest one.
-    random_state : int, RandomState instance or None, default=None
-        Seeds the sub-sample and k-means.
-
-    Returns
-    -------
-    centroids : ndarray of shape (n_lists, n_features), float32
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from skquant._ivf import train_coarse_quantizer, assign_lists
-    >>> X = np.r_[np.zeros((5, 2)), np.ones((5, 2))]
-    >>> centroids = train_coarse_quantizer(X, 2, random_state=0)
-    >>> len(np.unique(assign_lists(X, centroids)))
-    2
-    """
-    X = np.asarray(X)
-    n_samples = X.shape[0]
-    if not 1 <= n_lists <= n_samples:
-        raise ValueError(
-            f"n_lists={n_lists} must be between 1 and the number of indexed items "
-            f"n_samples={n_samples}. Use a smaller n_lists (about sqrt(n_samples) "
-            f"is a good start) or n_lists=None for exhaustive search."
-        )
-    rng = check_random_state(random_state)
-    max_points = _MAX_POINTS_PER_LIST * n_lists
-    if n_samples > max_points:
-        X = X[np.sort(rng.choice(n_samples, max_points, replace=False))]
-    # Random init (as faiss): k-means++ costs O(n_lists**2) greedy passes,
-    # minutes for thousands of cells.
-    kmeans = KMeans(n_clusters=n_lists, init="random", n_init=1,
-                    max_iter=_COARSE_MAX_ITER, random_state=rng)
-    centroids = kmeans.fit(np.asarray(X, dtype=np.float32)).cluster_centers_
-    if metric == "inner_product":
-        norms = np.linalg.norm(centroids, axis=1, keepdims=True)
-        centroids = centroids / np.maximum(norms, np.finfo(np.float32).tiny)
-    return np.ascontiguousarray(centroids, dtype=np.float32)
-
 
 def coarse_scores(X, centroids, metric="euclidean"):
     """Lower-is-better scores of every (vector, cell) pair, (n, n_lists) float64.

@@ -1,155 +1,18 @@
-"""Product quantization (PQ) and optimized product quantization (OPQ).
+"""ProductQuantizer: product quantization (PQ) and optimized PQ (OPQ) as an estimator.
 
-The numeric helpers at the top (sub-space k-means, encoding, decoding, the OPQ
-alternation) are shared: :class:`~skquant.DeepQuantizer` refits its block
-codebooks and its two-step (DQN_2+) mode with them.
+The numerics (sub-space k-means, encoding, the OPQ alternation, lookup tables)
+live in :mod:`skquant._product`; the fitted codebooks are a
+:class:`~skquant._codebooks.ProductCodebooks`.
 """
 
-import warnings
 from numbers import Integral
 
 import numpy as np
-from scipy.linalg import orthogonal_procrustes
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils import check_random_state, gen_batches
 from sklearn.utils._param_validation import Interval
 
 from ._base import BaseQuantizer
-
-# Rows of Z encoded at once: bounds the (rows, K) distance block per sub-space.
-_ENCODE_BATCH = 8192
-
-
-def check_codebook_size(n_samples, n_features, n_subspaces, n_codewords):
-    """Raise a ValueError naming the problem when the codebooks cannot fit the data."""
-    if n_features % n_subspaces != 0:
-        raise ValueError(
-            f"n_subspaces={n_subspaces} must divide the quantized dimension, but "
-            f"n_features={n_features} is not a multiple of it. Choose n_subspaces "
-            f"among the divisors of {n_features}."
-        )
-    if n_codewords > n_samples:
-        raise ValueError(
-            f"n_codewords={n_codewords} is larger than the number of training "
-            f"samples n_samples={n_samples}: each codebook needs at least as many "
-            f"samples as codewords. Use a smaller n_codewords or more data."
-        )
-
-
-def fit_subspace_codebooks(
-    Z, n_subspaces, n_codewords, *, init=None, max_iter=100, random_state=None,
-    return_n_iter=False,
-):
-    """K-means codebooks, one per contiguous sub-space of ``Z``.
-
-    Parameters
-    ----------
-    Z : ndarray of shape (n_samples, n_features)
-        Vectors to quantize; ``n_features`` divisible by ``n_subspaces``.
-    n_subspaces, n_codewords : int
-        Number of sub-spaces ``M`` and codewords per codebook ``K``.
-    init : ndarray of shape (n_subspaces, n_codewords, n_features // n_subspaces), default=None
-        Warm start (e.g. the previous codebooks); k-means++ when None.
-    max_iter : int, default=100
-        Lloyd iterations per sub-space.
-    random_state : int, RandomState instance or None
-        Seeds one k-means per sub-space.
-    return_n_iter : bool, default=False
-        Also return the largest number of Lloyd iterations run.
-
-    Returns
-    -------
-    codebooks : ndarray of shape (n_subspaces, n_codewords, n_features // n_subspaces), float32
-    n_iter : int
-        Only when ``return_n_iter=True``.
-    """
-    rng = check_random_state(random_state)
-    n_samples, n_features = Z.shape
-    subspace_dim = n_features // n_subspaces
-    codebooks = np.empty((n_subspaces, n_codewords, subspace_dim), dtype=np.float32)
-    seeds = rng.randint(np.iinfo(np.int32).max, size=n_subspaces)
-    n_iter = 0
-    for m in range(n_subspaces):
-        block = np.ascontiguousarray(Z[:, m * subspace_dim : (m + 1) * subspace_dim])
-        kmeans = KMeans(
-            n_clusters=n_codewords,
-            init="k-means++" if init is None else init[m],
-            n_init=1,
-            max_iter=max_iter,
-            random_state=seeds[m],
-        )
-        with warnings.catch_warnings():
-            # Fewer distinct points than codewords (duplicates, tiny data) is
-            # legitimate for a quantizer: surplus codewords just go unused.
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            kmeans.fit(block)
-        codebooks[m] = kmeans.cluster_centers_
-        n_iter = max(n_iter, kmeans.n_iter_)
-    return (codebooks, n_iter) if return_n_iter else codebooks
-
-
-def code_dtype(n_codewords):
-    """Smallest unsigned integer dtype that holds codes ``0..n_codewords-1``."""
-    return np.uint8 if n_codewords <= 2**8 else np.uint16
-
-
-def encode_product(Z, codebooks):
-    """Nearest codeword per sub-space (exact PQ encoding), in row batches.
-
-    Returns codes of shape (n_samples, n_subspaces), uint8 (uint16 when K > 256).
-    """
-    n_subspaces, n_codewords, subspace_dim = codebooks.shape
-    codes = np.empty((len(Z), n_subspaces), dtype=code_dtype(n_codewords))
-    norms = np.einsum("mkd,mkd->mk", codebooks, codebooks, dtype=np.float64)
-    for batch in gen_batches(len(Z), _ENCODE_BATCH):
-        block = np.asarray(Z[batch], dtype=np.float64)
-        for m in range(n_subspaces):
-            sub = block[:, m * subspace_dim : (m + 1) * subspace_dim]
-            # argmin ||z - c||^2 = argmin ||c||^2 - 2 <z, c>
-            scores = norms[m] - 2.0 * (sub @ codebooks[m].T.astype(np.float64))
-            codes[batch, m] = np.argmin(scores, axis=1)
-    return codes
-
-
-def decode_product(codes, codebooks):
-    """Concatenate the selected codewords: (n_samples, n_subspaces * subspace_dim)."""
-    n_subspaces = codebooks.shape[0]
-    parts = [codebooks[m][codes[:, m]] for m in range(n_subspaces)]
-    return np.hstack(parts).astype(np.float32, copy=False)
-
-
-def fit_opq(Z, n_subspaces, n_codewords, *, n_iter=10, max_iter=100, random_state=None):
-    """Non-parametric OPQ (Ge et al., 2013): alternate PQ and an orthogonal rotation.
-
-    Minimises ``||Z R - decode(encode(Z R))||^2`` over the rotation ``R`` and the
-    codebooks: k-means per sub-space (warm-started after the first round), then
-    ``R`` by orthogonal Procrustes between ``Z`` and the current reconstruction.
-
-    Returns
-    -------
-    rotation : ndarray of shape (n_features, n_features), float32
-    codebooks : ndarray of shape (n_subspaces, n_codewords, n_features // n_subspaces), float32
-    """
-    rng = check_random_state(random_state)
-    Z = np.asarray(Z, dtype=np.float64)
-    rotation = np.eye(Z.shape[1])
-    codebooks = None
-    for _ in range(n_iter):
-        rotated = Z @ rotation
-        codebooks = fit_subspace_codebooks(
-            rotated, n_subspaces, n_codewords, init=codebooks,
-            max_iter=max_iter, random_state=rng,
-        )
-        reconstruction = decode_product(encode_product(rotated, codebooks), codebooks)
-        # argmin_R ||Z R - Y||_F over orthogonal R
-        rotation, _ = orthogonal_procrustes(Z, reconstruction.astype(np.float64))
-    # Codebooks matching the final rotation.
-    codebooks = fit_subspace_codebooks(
-        Z @ rotation, n_subspaces, n_codewords, init=codebooks,
-        max_iter=max_iter, random_state=rng,
-    )
-    return rotation.astype(np.float32), codebooks
+from ._codebooks import ProductCodebooks
+from ._product import check_codebook_size, fit_opq, fit_subspace_codebooks
 
 
 class ProductQuantizer(BaseQuantizer):
@@ -199,6 +62,13 @@ class ProductQuantizer(BaseQuantizer):
         The sub-space codebooks (float32), in faiss/nanopq layout.
     rotation_ : ndarray of shape (n_features, n_features) or None
         OPQ rotation; vectors are quantized as ``X @ rotation_``.
+    quantizer_ : ProductCodebooks
+        The fitted codebooks (and rotation) as one object: encode, decode,
+        lookup tables. ``codebooks_`` and ``rotation_`` read through to it.
+    index_ : QuantizedIndex
+        The searchable database: codes, labels, scan layouts, inverted file.
+        ``codes_``, ``database_labels_``, ``n_samples_fit_`` and
+        ``coarse_centroids_`` read through to it.
     codes_ : ndarray of shape (n_samples_fit, n_subspaces)
         Codes of the indexed database (uint8 when ``n_codewords <= 256``).
     database_labels_ : ndarray or None
@@ -279,19 +149,20 @@ class ProductQuantizer(BaseQuantizer):
         n_samples, n_features = X.shape
         check_codebook_size(n_samples, n_features, self.n_subspaces, self.n_codewords)
         if self.rotation:
-            self.rotation_, self.codebooks_ = fit_opq(
+            rotation, codebooks = fit_opq(
                 X, self.n_subspaces, self.n_codewords,
                 n_iter=self.n_rotation_iter, max_iter=self.max_iter,
                 random_state=self.random_state,
             )
             self.n_iter_ = self.n_rotation_iter
         else:
-            self.rotation_ = None
-            self.codebooks_, self.n_iter_ = fit_subspace_codebooks(
+            rotation = None
+            codebooks, self.n_iter_ = fit_subspace_codebooks(
                 X, self.n_subspaces, self.n_codewords,
                 max_iter=self.max_iter, random_state=self.random_state,
                 return_n_iter=True,
             )
+        self.quantizer_ = ProductCodebooks(codebooks, rotation)
 
     @classmethod
     def from_faiss(cls, index):

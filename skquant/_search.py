@@ -49,12 +49,7 @@ from sklearn import get_config
 from sklearn.utils import gen_even_slices
 from sklearn.utils.parallel import Parallel, delayed
 
-__all__ = [
-    "CodeLayout",
-    "aqd_search",
-    "euclidean_tables",
-    "inner_product_tables",
-]
+__all__ = ["CodeLayout", "aqd_search"]
 
 # Bytes of scratch memory per (query, database item) pair in a batch block: the
 # float32 accumulator and term being added, and for the first block's top-k a
@@ -85,81 +80,15 @@ _POOL = None
 _POOL_LOCK = threading.Lock()
 
 
-def euclidean_tables(queries, codebooks):
-    """Squared Euclidean lookup tables for product (block) codebooks.
-
-    Parameters
-    ----------
-    queries : ndarray of shape (n_queries, n_subspaces * subspace_dim)
-        Query vectors in the (possibly rotated) quantization space.
-    codebooks : ndarray of shape (n_subspaces, n_codewords, subspace_dim)
-        One codebook per contiguous sub-space.
-
-    Returns
-    -------
-    tables : ndarray of shape (n_queries, n_subspaces, n_codewords), float32
-        ``tables[q, m, k] = ||queries[q, m-th block] - codebooks[m, k]||^2``.
-    """
-    n_subspaces, _, subspace_dim = codebooks.shape
-    # float64 for the expansion ||q||^2 - 2 q.c + ||c||^2, which cancels badly in
-    # float32 when q is close to a codeword; the tables are cast down afterwards.
-    q = np.asarray(queries, dtype=np.float64).reshape(-1, n_subspaces, subspace_dim)
-    # Contiguous stacks, so that matmul runs one BLAS gemm per sub-space
-    # (strided operands fall back to a loop about twice as slow).
-    q = np.ascontiguousarray(q.transpose(1, 0, 2))  # (M, n, ds)
-    c = codebooks.astype(np.float64, copy=False)
-    tables = np.matmul(q, np.ascontiguousarray(c.transpose(0, 2, 1)))  # (M, n, K)
-    tables *= -2.0
-    tables += np.einsum("mnd,mnd->mn", q, q)[:, :, None]
-    tables += np.einsum("mkd,mkd->mk", c, c)[:, None, :]
-    np.maximum(tables, 0.0, out=tables)
-    return np.ascontiguousarray(tables.transpose(1, 0, 2), dtype=np.float32)
-
-
-def inner_product_tables(queries, codebooks, layout="additive"):
-    """Negated inner-product lookup tables.
-
-    Parameters
-    ----------
-    queries : ndarray of shape (n_queries, dim)
-        Query vectors.
-    codebooks : ndarray of shape (n_codebooks, n_codewords, codeword_dim)
-        Full-dimensional codebooks (``layout="additive"``, ``codeword_dim == dim``)
-        or block codebooks (``layout="product"``, ``n_codebooks * codeword_dim == dim``).
-    layout : {"additive", "product"}, default="additive"
-        How codewords combine into a reconstruction: summed, or concatenated.
-
-    Returns
-    -------
-    tables : ndarray of shape (n_queries, n_codebooks, n_codewords), float32
-        ``-<query, codeword>`` (of the query's block for product codebooks), so
-        that summing the tables gives ``-<query, reconstruction>``.
-    """
-    n_codebooks, n_codewords, codeword_dim = codebooks.shape
-    # float64, rounded once at the end: a float32 GEMM rounds a query's row
-    # differently depending on the other rows of the batch and on the CPU.
-    q = np.asarray(queries, dtype=np.float64)
-    codebooks = np.asarray(codebooks, dtype=np.float64)
-    if layout == "additive":
-        flat = codebooks.reshape(n_codebooks * n_codewords, codeword_dim)
-        tables = -(q @ flat.T).reshape(len(q), n_codebooks, n_codewords)
-    else:
-        q = q.reshape(len(q), n_codebooks, codeword_dim).transpose(1, 0, 2)
-        tables = -np.matmul(q, codebooks.transpose(0, 2, 1)).transpose(1, 0, 2)
-    return np.ascontiguousarray(tables, dtype=np.float32)
-
-
 # ---------------------------------------------------------------------------
 # Code layouts
 class CodeLayout:
     """Scan-friendly views of one codes array, derived on first use and cached.
 
-    An estimator keeps one per indexed ``codes_`` and hands it to
-    :func:`aqd_search`; it is only used while ``layout.codes is codes``, so
-    replacing the codes (``index``, ``add``, or assigning ``codes_``) makes it
-    stale rather than wrong. Pickling keeps the reference to the codes (shared
-    with the estimator's, so stored once) and drops the derived arrays, which
-    are rebuilt lazily.
+    The index keeps one per codes array and hands it to :func:`aqd_search`;
+    it is only used while ``layout.codes is codes``, so a layout of other
+    codes is ignored rather than wrong. Pickling keeps the codes and drops
+    the derived arrays, which are rebuilt lazily.
 
     Parameters
     ----------
@@ -171,11 +100,8 @@ class CodeLayout:
         self.codes = codes
         self._codes_t = None
         self._pair_codes = None
-        # (centroids, InvertedLists) of the last inverted file built, and
-        # (centroids, assignments) known in advance (``add`` extends them).
-        self._ivf = None
-        self._seed = None
         self._lock = threading.Lock()
+        self._legacy = {}
 
     def matches(self, codes):
         """Whether this layout describes ``codes`` (the same array object)."""
@@ -185,7 +111,7 @@ class CodeLayout:
     def codes_t(self):
         """(M, N) C-contiguous codes: one contiguous run per sub-space.
 
-        A free view when the codes are Fortran-ordered (as estimators store
+        A free view when the codes are Fortran-ordered (as the index stores
         them), else a cached copy.
         """
         if self._codes_t is None:
@@ -212,47 +138,16 @@ class CodeLayout:
                 self._pair_codes = (n_codewords, pairs)
             return self._pair_codes[1]
 
-    def inverted_lists(self, centroids, assign):
-        """The inverted file of these codes for coarse ``centroids``, cached.
-
-        ``assign(codes) -> cells`` is only called for items whose cell is not
-        known yet (see :meth:`extended`).
-        """
-        from ._ivf import InvertedLists
-
-        with self._lock:
-            if self._ivf is None or self._ivf[0] is not centroids:
-                if self._seed is not None and self._seed[0] is centroids:
-                    cells = self._seed[1]
-                    if len(cells) < len(self.codes):
-                        cells = np.concatenate([cells, assign(self.codes[len(cells):])])
-                else:
-                    cells = assign(self.codes)
-                self._ivf = (centroids, InvertedLists(self.codes, cells, len(centroids)))
-                self._seed = None
-            return self._ivf[1]
-
-    def extended(self, codes):
-        """A layout for ``codes``, whose first rows are this layout's codes: the
-        cells already computed are reused."""
-        layout = CodeLayout(codes)
-        if self._ivf is not None:
-            layout._seed = (self._ivf[0], self._ivf[1].assignments)
-        elif self._seed is not None:
-            layout._seed = self._seed
-        return layout
-
     def __getstate__(self):
-        # Derived arrays are rebuilt on demand; the cells of an inverted file
-        # (one k-means assignment per item, the costly part) are kept.
-        state = {"codes": self.codes, "seed": self._seed}
-        if self._ivf is not None:
-            state["seed"] = (self._ivf[0], self._ivf[1].assignments)
-        return state
+        # Derived arrays are rebuilt on demand. Pickles of skquant before the
+        # index object (d3b457b and earlier) also kept the cells of an
+        # inverted file here, as "seed": carried through so that their
+        # checksum still verifies, and handed to the index on load.
+        return {"codes": self.codes, **self._legacy}
 
     def __setstate__(self, state):
         self.__init__(state["codes"])
-        self._seed = state["seed"]
+        self._legacy = {key: state[key] for key in ("seed",) if key in state}
 
 
 # ---------------------------------------------------------------------------
@@ -706,11 +601,11 @@ def aqd_search(tables, codes, n_neighbors, *, n_jobs=None, layout=None, kernel="
     Parameters
     ----------
     tables : ndarray of shape (n_queries, n_codebooks, n_codewords)
-        Lookup tables, lower is better (see :func:`euclidean_tables` and
-        :func:`inner_product_tables`). Converted to float32.
+        Lookup tables, lower is better (built by the codebooks, see
+        :mod:`skquant._codebooks`). Converted to float32.
     codes : ndarray of shape (n_items, n_codebooks), integer
         Database codes; ``codes[i, m]`` indexes ``tables[:, m, :]``. A
-        Fortran-ordered array (as estimators store it) is scanned without a copy.
+        Fortran-ordered array (as the index stores it) is scanned without a copy.
     n_neighbors : int
         Number of results per query, ``1 <= n_neighbors <= n_items``.
     n_jobs : int, default=None
@@ -720,7 +615,7 @@ def aqd_search(tables, codes, n_neighbors, *, n_jobs=None, layout=None, kernel="
         dispatched through joblib.
     layout : CodeLayout, default=None
         Cached derived layouts of ``codes`` (e.g. pair codes); used only when
-        ``layout.matches(codes)``. Estimators keep one across calls.
+        ``layout.matches(codes)``. The index keeps one across calls.
     kernel : {"auto", "pairs", "columns", "numpy", "torch"}, default="auto"
         Scan kernel; "auto" picks by batch size (benchmarks and tests force
         the others). "pairs" needs ``n_codewords <= 256``.

@@ -28,7 +28,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils._tags import get_tags
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._base import _VersionedPickleMixin
+from ._persistence import _VersionedPickleMixin
 
 __all__ = ["QuantizedKNeighborsTransformer"]
 

@@ -189,7 +189,7 @@ def test_inner_product_distances_via_additive_layout(digits):
     X, _ = digits
     X = X / np.linalg.norm(X, axis=1, keepdims=True)
     pq = ProductQuantizer(4, 16, random_state=0).fit(X)
-    pq._metric = "inner_product"  # instance-level switch, for this test only
+    pq.quantizer_.metric = "inner_product"  # instance-level switch, for this test only
     dist, ind = pq.kneighbors(X[:10], n_neighbors=5)
     scores = X[:10] @ pq.decode(pq.codes_).T
     ref = np.argsort(-scores, axis=1, kind="stable")[:, :5]

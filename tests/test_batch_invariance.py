@@ -4,7 +4,7 @@ Not on which other rows share its batch, their order, the inference batch
 size, or the number of threads -- on any CPU. float32 GEMM kernels round a
 row differently depending on its position in the batch (seen on Intel Xeon,
 not on AMD EPYC), so the networks are evaluated in float64 and rounded to
-float32 (see ``skquant._torch.embed``). These tests demand *bitwise*
+float32 (see ``skquant._deep._torch.embed``). These tests demand *bitwise*
 equality, which is stronger than scikit-learn's
 ``check_methods_sample_order_invariance`` (rtol 1e-7).
 

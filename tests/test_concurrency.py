@@ -18,7 +18,7 @@ from numpy.testing import assert_array_equal
 from sklearn.datasets import load_digits
 
 from skquant import DeepQuantizer, ProductQuantizer, QuantizedKNeighborsTransformer
-from skquant._dsq import SphericalQuantizer
+from skquant._deep._dsq import SphericalQuantizer
 
 N_THREADS = 8
 TIMEOUT = 120  # seconds: a deadlock fails the test instead of hanging the suite

@@ -16,7 +16,7 @@ from sklearn.model_selection import GridSearchCV
 from torch import nn
 
 from skquant import ProductQuantizer
-from skquant._dqn import DeepQuantizer
+from skquant._deep._dqn import DeepQuantizer
 from skquant.metrics import mean_average_precision
 
 # Small, fast settings for behaviour tests (not quality tests).

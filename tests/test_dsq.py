@@ -8,7 +8,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from skquant._additive import encode_beam, quantization_error
-from skquant._dsq import SphericalQuantizer
+from skquant._deep._dsq import SphericalQuantizer
 from skquant.metrics import mean_average_precision
 
 SMALL = dict(
@@ -144,12 +144,12 @@ def test_sparse_codebooks(digits, sparsity):
     nnz = (model.codebooks_ != 0).sum(axis=2)
     assert nnz.max() <= sparsity
     if sparsity == 2:
-        assert model._codebooks_csr.nnz == nnz.sum()
+        assert model.quantizer_.csr.nnz == nnz.sum()
     else:
-        assert model._codebooks_csr is None
+        assert model.quantizer_.csr is None
     # Sparse tables equal dense tables computed from the projected codebooks.
     Z = model.transform(X[query])
-    sparse = model._lookup_tables(Z)
+    sparse = model.quantizer_.lookup_tables(Z)
     dense = -np.einsum("nd,mkd->nmk", Z, model.codebooks_)
     np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-6)
     # And the search still ranks by 1 - <z, x_hat>.
@@ -169,7 +169,7 @@ def test_sparsity_at_least_dim_is_dense(digits):
     full = SphericalQuantizer(**dict(params, sparsity=6)).fit(
         X[train[:200]], y[train[:200]]
     )
-    assert full._codebooks_csr is None
+    assert full.quantizer_.csr is None
     np.testing.assert_array_equal(dense.codebooks_, full.codebooks_)
 
 

@@ -106,7 +106,7 @@ def test_deep_quantizer_to_faiss(digits):
 
 
 def test_spherical_quantizer_to_faiss(digits):
-    dsq_module = pytest.importorskip("skquant._dsq")
+    dsq_module = pytest.importorskip("skquant._deep._dsq")
     X, y = digits
     dsq = dsq_module.SphericalQuantizer(
         n_codebooks=2, n_codewords=16, embedding_dim=16, hidden_layer_sizes=(32,),
@@ -182,7 +182,7 @@ def test_inverted_file_to_faiss(digits, rotation):
     assert ivf.nlist == 8 and ivf.nprobe == 2 and index.ntotal == len(train)
     # Same cells: faiss's list sizes are skquant's cell sizes.
     sizes = [ivf.invlists.list_size(c) for c in range(8)]
-    cells = pq._assign_cells(pq.codes_)
+    cells = pq.index_.assign_cells(pq.codes_)
     np.testing.assert_array_equal(sizes, np.bincount(cells, minlength=8))
     # Every cell holds far more than k items, so both probe exactly 2 cells.
     assert min(sizes) > 10

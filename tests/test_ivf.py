@@ -9,14 +9,10 @@ from sklearn import config_context
 from sklearn.datasets import make_blobs
 
 from skquant import ProductQuantizer, _search
-from skquant._ivf import (
-    InvertedLists,
-    assign_lists,
-    coarse_scores,
-    ivf_search,
-    train_coarse_quantizer,
-)
-from skquant._search import aqd_search, inner_product_tables
+from skquant._additive import inner_product_tables
+from skquant._index import QuantizedIndex, train_coarse_quantizer
+from skquant._ivf import InvertedLists, assign_lists, coarse_scores, ivf_search
+from skquant._search import aqd_search
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +96,7 @@ def test_inner_product_tables_with_all_cells_match_exhaustive():
     np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1, rtol=1e-5)
     ivf = InvertedLists(codes, assign_lists(decoded, centroids, "inner_product"), 6)
     queries = rng.normal(size=(8, 6)).astype(np.float32)
-    tables = inner_product_tables(queries, codebooks)
+    tables = inner_product_tables(queries, codebooks, negate=True)
     scores = coarse_scores(queries, centroids, "inner_product")
     np.testing.assert_array_equal(
         ivf_search(tables, scores, ivf, 7, n_probe=6)[1], aqd_search(tables, codes, 7)[1]
@@ -185,9 +181,9 @@ def test_estimator_index_add_and_pickle_reuse_cells(blobs, monkeypatch):
     ivf = _pq(n_lists=16, n_probe=4).fit(X[:2000], y[:2000])
     ivf.kneighbors(X[:2])  # builds the cells of the first 2000 items
     assigned = []
-    original = type(ivf)._assign_cells
+    original = QuantizedIndex.assign_cells
     monkeypatch.setattr(
-        type(ivf), "_assign_cells",
+        QuantizedIndex, "assign_cells",
         lambda self, codes: assigned.append(len(codes)) or original(self, codes),
     )
     ivf.add(X[2000:], y[2000:])
@@ -206,7 +202,7 @@ def test_estimator_index_add_and_pickle_reuse_cells(blobs, monkeypatch):
     ivf.codes_ = np.asfortranarray(ivf.codes_[::-1])
     exhaustive = _pq(n_lists=16, n_probe=16).fit(X[:2000], y[:2000])
     exhaustive.codes_ = ivf.codes_
-    exhaustive.n_samples_fit_ = ivf.n_samples_fit_ = len(X)
+    assert exhaustive.n_samples_fit_ == ivf.n_samples_fit_ == len(X)
     np.testing.assert_array_equal(
         ivf.set_params(n_probe=16).kneighbors(X[:20], n_neighbors=5)[1],
         exhaustive.kneighbors(X[:20], n_neighbors=5)[1],

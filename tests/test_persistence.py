@@ -2,6 +2,7 @@
 
 import pickle
 import warnings
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -16,6 +17,7 @@ from skquant import (
     ProductQuantizer,
     QuantizedKNeighborsTransformer,
 )
+from skquant._index import QuantizedIndex
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +86,48 @@ def test_pickle_without_version_warns(digits):
     clone = ProductQuantizer.__new__(ProductQuantizer)
     with pytest.warns(InconsistentVersionWarning, match="version unknown"):
         clone.__setstate__(state)
+
+
+# Pickles written by skquant before the codebook and index objects existed
+# (d3b457b; see tests/data/make_legacy_pickles.py): codebooks_, codes_, ... were
+# plain attributes and the inverted file's cells sat in a scan layout.
+LEGACY_PICKLES = Path(__file__).parent / "data" / "legacy_0.1.0.dev0.pkl"
+
+
+@pytest.mark.parametrize("name", ["pq", "opq_ivf", "dqn", "dsq_sparse"])
+def test_pickles_from_before_the_index_object_search_the_same(name, monkeypatch):
+    saved = pickle.loads(LEGACY_PICKLES.read_bytes())
+    assigned = []
+    original = QuantizedIndex.assign_cells
+    monkeypatch.setattr(
+        QuantizedIndex, "assign_cells",
+        lambda self, codes: assigned.append(len(codes)) or original(self, codes),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = pickle.loads(saved[name]["pickle"])
+    assert isinstance(est.index_, QuantizedIndex)
+    assert est.index_.quantizer is est.quantizer_
+    for got, expected in [
+        (est.kneighbors(saved["queries"], n_neighbors=5), saved[name]["kneighbors"]),
+        (est.kneighbors(n_neighbors=1), saved[name]["kneighbors_self"]),
+    ]:
+        # Distances to float32 rounding: the queries' OPQ rotation, networks
+        # and inner-product tables now run in float64 (batch- and
+        # CPU-independent), where the old code used float32 GEMMs. PQ, which
+        # has none of them, is bitwise the old result.
+        if name != "pq":
+            # Compared as squared distances (what the tables sum), to float32
+            # rounding of the largest: sqrt would magnify it near 0.
+            scale = float(np.max(expected[0] ** 2))
+            np.testing.assert_allclose(got[0] ** 2, expected[0] ** 2,
+                                       rtol=1e-6, atol=1e-6 * scale)
+        else:
+            np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+    assert assigned == []  # the inverted file's cells came with the old pickle
+    # Saved again, it round-trips in today's format.
+    clone = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(
+        clone.kneighbors(saved["queries"])[1], est.kneighbors(saved["queries"])[1]
+    )

@@ -19,7 +19,7 @@ from numpy.testing import assert_array_equal
 from sklearn.datasets import load_digits
 
 from skquant import DeepQuantizer, ProductQuantizer, QuantizedKNeighborsTransformer
-from skquant._dsq import SphericalQuantizer
+from skquant._deep._dsq import SphericalQuantizer
 
 DEEP = dict(max_epochs=2, warmup_epochs=1, device="cpu", random_state=0,
             hidden_layer_sizes=(16,))
@@ -186,7 +186,7 @@ def test_fitted_data_crc_reads_values_not_layout():
     import scipy.sparse as sp
     import torch
 
-    from skquant._base import _fitted_data_crc
+    from skquant._persistence import _fitted_data_crc
 
     a = np.arange(24, dtype=np.float32).reshape(6, 4)
     state = {"a": a, "empty": np.empty((0, 3)), "scalar": np.float64(2.0),

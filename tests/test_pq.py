@@ -6,7 +6,7 @@ from sklearn.datasets import load_digits
 from sklearn.neighbors import NearestNeighbors
 
 from skquant import ProductQuantizer
-from skquant._pq import decode_product, encode_product, fit_subspace_codebooks
+from skquant._product import decode_product, encode_product, fit_subspace_codebooks
 
 
 def _correlated_data(n=600, d=16, seed=0):

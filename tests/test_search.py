@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 from sklearn import config_context
 
-from skquant._search import aqd_search, euclidean_tables, inner_product_tables
+from skquant._additive import inner_product_tables as additive_tables
+from skquant._product import euclidean_tables
+from skquant._product import inner_product_tables as product_tables
+from skquant._search import aqd_search
 
 
 def _reference_topk(distances, k):
@@ -52,7 +55,7 @@ def test_inner_product_search_equals_brute_force(n_jobs):
     exact = -(queries.astype(np.float64) @ decoded.T)
     with config_context(working_memory=0.001):
         values, indices = aqd_search(
-            inner_product_tables(queries, codebooks), codes, 7, n_jobs=n_jobs
+            additive_tables(queries, codebooks, negate=True), codes, 7, n_jobs=n_jobs
         )
     ref_values, ref_indices = _reference_topk(exact, 7)
     np.testing.assert_allclose(values, ref_values, rtol=1e-4, atol=1e-4)
@@ -62,7 +65,7 @@ def test_inner_product_search_equals_brute_force(n_jobs):
 def test_product_inner_product_tables():
     rng = np.random.default_rng(2)
     codebooks, codes, queries, decoded = _random_product_problem(rng, n_items=50)
-    tables = inner_product_tables(queries, codebooks, layout="product")
+    tables = product_tables(queries, codebooks)
     sums = tables[:, np.arange(codes.shape[1]), codes].sum(-1)
     np.testing.assert_allclose(sums, -(queries @ decoded.T), rtol=1e-4, atol=1e-4)
 

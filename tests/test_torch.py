@@ -1,4 +1,4 @@
-"""Tests for the shared torch layer (skquant._torch) and the losses (skquant._losses)."""
+"""Tests for the shared torch layer (skquant._deep._torch) and the losses (skquant._deep._losses)."""
 
 import pickle
 import warnings
@@ -10,14 +10,14 @@ from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from skquant._losses import (
+from skquant._deep._losses import (
     label_similarity,
     pairwise_cosine_loss,
     pairwise_inner_product_loss,
     product_quantization_loss,
     product_reconstruction,
 )
-from skquant._torch import (
+from skquant._deep._torch import (
     EmbeddingNetwork,
     build_embedding_network,
     build_mlp,
@@ -454,7 +454,7 @@ def test_no_warnings_from_plain_training():
 def test_sparse_training_data_matches_dense(input_shape):
     import scipy.sparse as sp
 
-    from skquant._torch import (
+    from skquant._deep._torch import (
         _standardization_stats,
         build_embedding_network,
         embed,

@@ -23,7 +23,7 @@ from torch import nn
 
 from skquant import DeepQuantizer
 from skquant._convergence import collapse_reasons
-from skquant._dsq import SphericalQuantizer
+from skquant._deep._dsq import SphericalQuantizer
 
 N_SAMPLES = 128
 BATCH_SIZE = 32  # 4 batches per epoch
@@ -98,14 +98,14 @@ def test_infinite_loss_value(name, data, monkeypatch):
     # A loss that overflows to +inf (not NaN) is refused the same way.
     X, y = data
     if name == "DQN":
-        from skquant import _dqn
+        from skquant._deep import _dqn
 
         original = _dqn._SIMILARITY_LOSSES["cosine"]
         monkeypatch.setitem(
             _dqn._SIMILARITY_LOSSES, "cosine", lambda z, s: original(z, s) * float("inf")
         )
     else:
-        from skquant import _dsq
+        from skquant._deep import _dsq
 
         original = _dsq.softmax_loss
         monkeypatch.setattr(
@@ -246,7 +246,7 @@ def test_keyboard_interrupt_in_first_epoch(name, data):
 
 def test_keyboard_interrupt_during_codebook_refit(data, monkeypatch):
     # Ctrl-C while k-means refits the codebooks (between network epochs).
-    from skquant import _dqn
+    from skquant._deep import _dqn
 
     X, y = data
     original = _dqn.fit_subspace_codebooks

@@ -17,7 +17,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import InvalidParameterError
 
 from skquant import DeepQuantizer, ProductQuantizer
-from skquant._dsq import SphericalQuantizer
+from skquant._deep._dsq import SphericalQuantizer
 
 N_SAMPLES = 120
 

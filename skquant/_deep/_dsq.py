@@ -7,18 +7,17 @@ import torch
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 
-from ._additive import (
+from .._additive import (
     additive_decode,
     encode_beam,
     encode_icm,
-    inner_product_tables,
     project_sparse,
     quantization_error,
     residual_kmeans,
-    sparse_codebooks_csr,
     update_codebooks,
 )
-from ._base import BaseQuantizer
+from .._base import BaseQuantizer
+from .._codebooks import AdditiveCodebooks
 from ._dsq_losses import CosineClassifier, softmax_loss
 from ._losses import mean_squared_distance
 from ._torch import (
@@ -34,10 +33,6 @@ from ._torch import (
     torch_seed,
     train_epochs,
 )
-
-# Fixed seed of the ICM sweep orders when encoding new items: encoding must
-# not depend on how many items were encoded before (index/add/kneighbors).
-_ENCODE_SEED = 0
 
 
 def _label_weights(labels, n_classes):
@@ -246,9 +241,6 @@ class SphericalQuantizer(BaseQuantizer):
     >>> ind.shape
     (1, 3)
     """
-
-    _codebook_layout = "additive"
-    _metric = "inner_product"
 
     _parameter_constraints = {
         **BaseQuantizer._parameter_constraints,
@@ -470,42 +462,17 @@ class SphericalQuantizer(BaseQuantizer):
         self.module_ = network.cpu().eval()
         self.classifier_ = classifier.cpu().eval()
         self.device_ = device
-        self.codebooks_ = state["codebooks"].astype(np.float32)
+        self.quantizer_ = AdditiveCodebooks(
+            state["codebooks"].astype(np.float32), sparsity=self.sparsity,
+            n_icm_sweeps=self.n_icm_sweeps, beam_width=self.beam_width,
+        )
         self.class_centers_ = state["phi"].astype(np.float32)
-        self._set_sparse_tables()
         return self
-
-    def _set_sparse_tables(self):
-        # CSR copy of sparse codebooks for O(M K s) lookup tables. scipy's
-        # sparse product does a multiply-add several times slower than BLAS,
-        # so it only beats the dense product for s <= D / 8 (measured in
-        # benchmarks/bench_dsq.py); denser codebooks use the dense path.
-        s = self.sparsity
-        dense = s is None or 8 * s > self.codebooks_.shape[2]
-        self._codebooks_csr = None if dense else sparse_codebooks_csr(self.codebooks_)
 
     # ------------------------------------------------------------------ hooks
     def _embed(self, X):
         device = inference_device(self.device_)
         return embed(self.module_, X, device, batch_size=max(self.batch_size, 256))
-
-    def _encode_embedding(self, Z):
-        codes = encode_icm(
-            Z,
-            self.codebooks_,
-            n_sweeps=self.n_icm_sweeps,
-            beam_width=self.beam_width,
-            random_state=_ENCODE_SEED,
-        )
-        return codes.astype(np.uint8 if self.n_codewords <= 256 else np.uint16)
-
-    def _decode_codes(self, codes):
-        return additive_decode(codes, self.codebooks_).astype(np.float32, copy=False)
-
-    def _lookup_tables(self, Z):
-        return inner_product_tables(
-            Z, self.codebooks_, csr=getattr(self, "_codebooks_csr", None), negate=True
-        )
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -17,19 +17,20 @@ import torch
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._base import BaseQuantizer
-from ._losses import (
-    label_similarity,
-    pairwise_cosine_loss,
-    pairwise_inner_product_loss,
-    product_quantization_loss,
-)
-from ._pq import (
+from .._base import BaseQuantizer
+from .._codebooks import ProductCodebooks
+from .._product import (
     check_codebook_size,
     decode_product,
     encode_product,
     fit_opq,
     fit_subspace_codebooks,
+)
+from ._losses import (
+    label_similarity,
+    pairwise_cosine_loss,
+    pairwise_inner_product_loss,
+    product_quantization_loss,
 )
 from ._torch import (
     NETWORK_PARAMETER_CONSTRAINTS,
@@ -206,7 +207,7 @@ class DeepQuantizer(BaseQuantizer):
     Examples
     --------
     >>> from sklearn.datasets import load_digits
-    >>> from skquant._dqn import DeepQuantizer
+    >>> from skquant._deep._dqn import DeepQuantizer
     >>> X, y = load_digits(return_X_y=True)
     >>> dqn = DeepQuantizer(n_subspaces=2, n_codewords=16, max_epochs=5,
     ...                     warmup_epochs=2, device="cpu", random_state=0)
@@ -216,9 +217,6 @@ class DeepQuantizer(BaseQuantizer):
     >>> ind.shape
     (1, 3)
     """
-
-    _codebook_layout = "product"
-    _metric = "euclidean"
 
     _parameter_constraints = {
         **BaseQuantizer._parameter_constraints,
@@ -387,13 +385,14 @@ class DeepQuantizer(BaseQuantizer):
         self.n_iter_ = n_iter
         if self.joint:
             # Final (C, H) step: match the codebooks to the final network.
-            self.codebooks_ = fit_subspace_codebooks(
+            codebooks = fit_subspace_codebooks(
                 Z, M, K, init=state["codebooks"], random_state=rng
             )
-            self.rotation_ = None
+            rotation = None
         else:
             # DQN_2+: quantize the learned embedding with OPQ.
-            self.rotation_, self.codebooks_ = fit_opq(Z, M, K, random_state=rng)
+            rotation, codebooks = fit_opq(Z, M, K, random_state=rng)
+        self.quantizer_ = ProductCodebooks(codebooks, rotation)
         return self
 
     def _embed(self, X):

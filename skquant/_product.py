@@ -1,0 +1,222 @@
+"""Product codebooks: the numerics of product quantization (PQ) and OPQ.
+
+A product quantizer cuts a vector into ``M`` contiguous blocks and quantizes
+each block with its own codebook of ``K`` codewords; the reconstruction is the
+concatenation of the chosen codewords. This module holds the sub-space
+k-means, exact encoding, decoding, the OPQ alternation and the lookup tables
+of both metrics. :class:`~skquant._codebooks.ProductCodebooks` wraps them for
+the estimators; :class:`~skquant.DeepQuantizer` also refits its codebooks
+with them during training.
+
+Pure numpy/scipy (sklearn for ``KMeans`` and batching): no estimator glue.
+"""
+
+import warnings
+
+import numpy as np
+from scipy.linalg import orthogonal_procrustes
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state, gen_batches
+
+__all__ = [
+    "check_codebook_size",
+    "code_dtype",
+    "decode_product",
+    "encode_product",
+    "euclidean_tables",
+    "fit_opq",
+    "fit_subspace_codebooks",
+    "inner_product_tables",
+]
+
+# Rows of Z encoded at once: bounds the (rows, K) distance block per sub-space.
+_ENCODE_BATCH = 8192
+
+
+def check_codebook_size(n_samples, n_features, n_subspaces, n_codewords):
+    """Raise a ValueError naming the problem when the codebooks cannot fit the data."""
+    if n_features % n_subspaces != 0:
+        raise ValueError(
+            f"n_subspaces={n_subspaces} must divide the quantized dimension, but "
+            f"n_features={n_features} is not a multiple of it. Choose n_subspaces "
+            f"among the divisors of {n_features}."
+        )
+    if n_codewords > n_samples:
+        raise ValueError(
+            f"n_codewords={n_codewords} is larger than the number of training "
+            f"samples n_samples={n_samples}: each codebook needs at least as many "
+            f"samples as codewords. Use a smaller n_codewords or more data."
+        )
+
+
+def fit_subspace_codebooks(
+    Z, n_subspaces, n_codewords, *, init=None, max_iter=100, random_state=None,
+    return_n_iter=False,
+):
+    """K-means codebooks, one per contiguous sub-space of ``Z``.
+
+    Parameters
+    ----------
+    Z : ndarray of shape (n_samples, n_features)
+        Vectors to quantize; ``n_features`` divisible by ``n_subspaces``.
+    n_subspaces, n_codewords : int
+        Number of sub-spaces ``M`` and codewords per codebook ``K``.
+    init : ndarray of shape (n_subspaces, n_codewords, n_features // n_subspaces), default=None
+        Warm start (e.g. the previous codebooks); k-means++ when None.
+    max_iter : int, default=100
+        Lloyd iterations per sub-space.
+    random_state : int, RandomState instance or None
+        Seeds one k-means per sub-space.
+    return_n_iter : bool, default=False
+        Also return the largest number of Lloyd iterations run.
+
+    Returns
+    -------
+    codebooks : ndarray of shape (n_subspaces, n_codewords, n_features // n_subspaces), float32
+    n_iter : int
+        Only when ``return_n_iter=True``.
+    """
+    rng = check_random_state(random_state)
+    n_samples, n_features = Z.shape
+    subspace_dim = n_features // n_subspaces
+    codebooks = np.empty((n_subspaces, n_codewords, subspace_dim), dtype=np.float32)
+    seeds = rng.randint(np.iinfo(np.int32).max, size=n_subspaces)
+    n_iter = 0
+    for m in range(n_subspaces):
+        block = np.ascontiguousarray(Z[:, m * subspace_dim : (m + 1) * subspace_dim])
+        kmeans = KMeans(
+            n_clusters=n_codewords,
+            init="k-means++" if init is None else init[m],
+            n_init=1,
+            max_iter=max_iter,
+            random_state=seeds[m],
+        )
+        with warnings.catch_warnings():
+            # Fewer distinct points than codewords (duplicates, tiny data) is
+            # legitimate for a quantizer: surplus codewords just go unused.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            kmeans.fit(block)
+        codebooks[m] = kmeans.cluster_centers_
+        n_iter = max(n_iter, kmeans.n_iter_)
+    return (codebooks, n_iter) if return_n_iter else codebooks
+
+
+def code_dtype(n_codewords):
+    """Smallest unsigned integer dtype that holds codes ``0..n_codewords-1``."""
+    return np.uint8 if n_codewords <= 2**8 else np.uint16
+
+
+def encode_product(Z, codebooks):
+    """Nearest codeword per sub-space (exact PQ encoding), in row batches.
+
+    Returns codes of shape (n_samples, n_subspaces), uint8 (uint16 when K > 256).
+    """
+    n_subspaces, n_codewords, subspace_dim = codebooks.shape
+    codes = np.empty((len(Z), n_subspaces), dtype=code_dtype(n_codewords))
+    norms = np.einsum("mkd,mkd->mk", codebooks, codebooks, dtype=np.float64)
+    for batch in gen_batches(len(Z), _ENCODE_BATCH):
+        block = np.asarray(Z[batch], dtype=np.float64)
+        for m in range(n_subspaces):
+            sub = block[:, m * subspace_dim : (m + 1) * subspace_dim]
+            # argmin ||z - c||^2 = argmin ||c||^2 - 2 <z, c>
+            scores = norms[m] - 2.0 * (sub @ codebooks[m].T.astype(np.float64))
+            codes[batch, m] = np.argmin(scores, axis=1)
+    return codes
+
+
+def decode_product(codes, codebooks):
+    """Concatenate the selected codewords: (n_samples, n_subspaces * subspace_dim)."""
+    n_subspaces = codebooks.shape[0]
+    parts = [codebooks[m][codes[:, m]] for m in range(n_subspaces)]
+    return np.hstack(parts).astype(np.float32, copy=False)
+
+
+def fit_opq(Z, n_subspaces, n_codewords, *, n_iter=10, max_iter=100, random_state=None):
+    """Non-parametric OPQ (Ge et al., 2013): alternate PQ and an orthogonal rotation.
+
+    Minimises ``||Z R - decode(encode(Z R))||^2`` over the rotation ``R`` and the
+    codebooks: k-means per sub-space (warm-started after the first round), then
+    ``R`` by orthogonal Procrustes between ``Z`` and the current reconstruction.
+
+    Returns
+    -------
+    rotation : ndarray of shape (n_features, n_features), float32
+    codebooks : ndarray of shape (n_subspaces, n_codewords, n_features // n_subspaces), float32
+    """
+    rng = check_random_state(random_state)
+    Z = np.asarray(Z, dtype=np.float64)
+    rotation = np.eye(Z.shape[1])
+    codebooks = None
+    for _ in range(n_iter):
+        rotated = Z @ rotation
+        codebooks = fit_subspace_codebooks(
+            rotated, n_subspaces, n_codewords, init=codebooks,
+            max_iter=max_iter, random_state=rng,
+        )
+        reconstruction = decode_product(encode_product(rotated, codebooks), codebooks)
+        # argmin_R ||Z R - Y||_F over orthogonal R
+        rotation, _ = orthogonal_procrustes(Z, reconstruction.astype(np.float64))
+    # Codebooks matching the final rotation.
+    codebooks = fit_subspace_codebooks(
+        Z @ rotation, n_subspaces, n_codewords, init=codebooks,
+        max_iter=max_iter, random_state=rng,
+    )
+    return rotation.astype(np.float32), codebooks
+
+
+def euclidean_tables(queries, codebooks):
+    """Squared Euclidean lookup tables for product (block) codebooks.
+
+    Parameters
+    ----------
+    queries : ndarray of shape (n_queries, n_subspaces * subspace_dim)
+        Query vectors in the (possibly rotated) quantization space.
+    codebooks : ndarray of shape (n_subspaces, n_codewords, subspace_dim)
+        One codebook per contiguous sub-space.
+
+    Returns
+    -------
+    tables : ndarray of shape (n_queries, n_subspaces, n_codewords), float32
+        ``tables[q, m, k] = ||queries[q, m-th block] - codebooks[m, k]||^2``.
+    """
+    n_subspaces, _, subspace_dim = codebooks.shape
+    # float64 for the expansion ||q||^2 - 2 q.c + ||c||^2, which cancels badly in
+    # float32 when q is close to a codeword; the tables are cast down afterwards.
+    q = np.asarray(queries, dtype=np.float64).reshape(-1, n_subspaces, subspace_dim)
+    # Contiguous stacks, so that matmul runs one BLAS gemm per sub-space
+    # (strided operands fall back to a loop about twice as slow).
+    q = np.ascontiguousarray(q.transpose(1, 0, 2))  # (M, n, ds)
+    c = codebooks.astype(np.float64, copy=False)
+    tables = np.matmul(q, np.ascontiguousarray(c.transpose(0, 2, 1)))  # (M, n, K)
+    tables *= -2.0
+    tables += np.einsum("mnd,mnd->mn", q, q)[:, :, None]
+    tables += np.einsum("mkd,mkd->mk", c, c)[:, None, :]
+    np.maximum(tables, 0.0, out=tables)
+    return np.ascontiguousarray(tables.transpose(1, 0, 2), dtype=np.float32)
+
+
+def inner_product_tables(queries, codebooks):
+    """Negated inner-product lookup tables for product (block) codebooks.
+
+    Parameters
+    ----------
+    queries : ndarray of shape (n_queries, n_subspaces * subspace_dim)
+        Query vectors in the (possibly rotated) quantization space.
+    codebooks : ndarray of shape (n_subspaces, n_codewords, subspace_dim)
+        One codebook per contiguous sub-space.
+
+    Returns
+    -------
+    tables : ndarray of shape (n_queries, n_subspaces, n_codewords), float32
+        ``-<query's m-th block, codebooks[m, k]>``, so that summing the tables
+        gives ``-<query, reconstruction>``.
+    """
+    n_subspaces, _, subspace_dim = codebooks.shape
+    # float64, rounded once at the end: a float32 GEMM rounds a query's row
+    # differently depending on the other rows of the batch and on the CPU.
+    q = np.asarray(queries, dtype=np.float64)
+    q = q.reshape(len(q), n_subspaces, subspace_dim).transpose(1, 0, 2)
+    c = np.asarray(codebooks, dtype=np.float64)
+    tables = -np.matmul(q, c.transpose(0, 2, 1)).transpose(1, 0, 2)
+    return np.ascontiguousarray(tables, dtype=np.float32)
