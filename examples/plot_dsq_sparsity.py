@@ -66,9 +66,7 @@ for s in sparsities:
     csr = sparse.csr_array(flat)
     csr.eliminate_zeros()
     lut_dense.append(median_ms(lambda Z=Z, flat=flat: Z @ flat.T))
-    lut_sparse.append(
-        median_ms(lambda Z=Z, csr=csr: csr @ np.ascontiguousarray(Z.T))
-    )
+    lut_sparse.append(median_ms(lambda Z=Z, csr=csr: csr @ np.ascontiguousarray(Z.T)))
     print(f"sparsity={s}: mAP = {maps[-1]:.4f}, non-zeros = {csr.nnz}")
 
 # %%

@@ -47,8 +47,10 @@ if hasattr(skquant, "SphericalQuantizer"):
         n_codebooks=4, n_codewords=256, random_state=0
     )
 
-print(f"skquant {skquant.__version__}: digits, {len(train)} train / "
-      f"{len(query)} queries / {len(database)} database items, 32-bit codes\n")
+print(
+    f"skquant {skquant.__version__}: digits, {len(train)} train / "
+    f"{len(query)} queries / {len(database)} database items, 32-bit codes\n"
+)
 print(f"{'method':<6} {'mAP@all':>8} {'fit s':>7} {'batch q/s':>10} {'1-query ms':>11}")
 for name, estimator in candidates.items():
     start = time.perf_counter()
@@ -66,5 +68,7 @@ for name, estimator in candidates.items():
         start = time.perf_counter()
         estimator.kneighbors(row[None], n_neighbors=10)
         latencies.append(time.perf_counter() - start)
-    print(f"{name:<6} {mean_ap:8.3f} {fit_seconds:7.2f} {batch_qps:10.0f} "
-          f"{1e3 * np.median(latencies):11.2f}")
+    print(
+        f"{name:<6} {mean_ap:8.3f} {fit_seconds:7.2f} {batch_qps:10.0f} "
+        f"{1e3 * np.median(latencies):11.2f}"
+    )

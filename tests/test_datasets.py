@@ -12,12 +12,12 @@ from scipy import sparse
 
 import skquant.datasets
 from skquant.datasets import (
+    _base,
     load_cifar10,
     load_fashion_mnist,
     load_yeast,
     retrieval_split,
 )
-from skquant.datasets import _base
 from skquant.datasets._base import FASHION_MNIST_CLASSES
 
 
