@@ -22,10 +22,10 @@ import time
 
 import matplotlib.pyplot as plt
 import numpy as np
+from scipy import sparse
 from sklearn.datasets import load_digits
 
 from skquant import SphericalQuantizer
-from skquant._additive import inner_product_tables, sparse_codebooks_csr
 from skquant.metrics import mean_average_precision
 
 X, y = load_digits(return_X_y=True)
@@ -58,13 +58,15 @@ for s in sparsities:
         X[query], n_neighbors=len(database), return_distance=False
     )
     maps.append(mean_average_precision(y[query], y[database], ranking))
+    # The lookup tables <z_q, c_mk> of the queries, computed as the search
+    # does: one dense product with the (M K, D) codeword matrix, or the
+    # product of its CSR form (s non-zeros a row) with Z^T.
     Z = model.transform(X[query])
-    C = model.codebooks_
-    lut_dense.append(median_ms(lambda Z=Z, C=C: inner_product_tables(Z, C)))
-    csr = sparse_codebooks_csr(C)
-    lut_sparse.append(
-        median_ms(lambda Z=Z, C=C, csr=csr: inner_product_tables(Z, C, csr=csr))
-    )
+    flat = model.codebooks_.reshape(-1, model.codebooks_.shape[-1])
+    csr = sparse.csr_array(flat)
+    csr.eliminate_zeros()
+    lut_dense.append(median_ms(lambda Z=Z, flat=flat: Z @ flat.T))
+    lut_sparse.append(median_ms(lambda Z=Z, csr=csr: csr @ np.ascontiguousarray(Z.T)))
     print(f"sparsity={s}: mAP = {maps[-1]:.4f}, non-zeros = {csr.nnz}")
 
 # %%

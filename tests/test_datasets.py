@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from scipy import sparse
 
-from skquant import datasets
+import skquant.datasets
 from skquant.datasets import (
-    FASHION_MNIST_CLASSES,
+    _base,
     load_cifar10,
     load_fashion_mnist,
     load_yeast,
     retrieval_split,
 )
+from skquant.datasets._base import FASHION_MNIST_CLASSES
 
 
 # --------------------------------------------------------------------------- #
@@ -60,7 +61,7 @@ def no_default_data(monkeypatch, tmp_path):
     """Hide SKQUANT_DATA and the Debian folder so only data_home is searched."""
     monkeypatch.delenv("SKQUANT_DATA", raising=False)
     monkeypatch.setattr(
-        datasets, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian-package"
+        _base, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian-package"
     )
 
 
@@ -103,7 +104,7 @@ def test_fashion_mnist_search_order(tmp_path, monkeypatch):
     env_arrays = _write_fashion(env_root / "fashion-mnist", rng, n_train=3)
     home_arrays = _write_fashion(tmp_path / "home", rng, n_train=5)
     monkeypatch.setenv("SKQUANT_DATA", str(env_root))
-    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "none")
+    monkeypatch.setattr(_base, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "none")
 
     # data_home wins over SKQUANT_DATA ...
     bunch = load_fashion_mnist(tmp_path / "home")
@@ -193,10 +194,10 @@ def test_fashion_mnist_inconsistent_files(tmp_path, no_default_data):
 
 
 def _debian_fashion_mnist_present():
-    folder = datasets.DEBIAN_FASHION_MNIST_DIR
+    folder = _base.DEBIAN_FASHION_MNIST_DIR
     return all(
         (folder / n).is_file() or (folder / f"{n}.gz").is_file()
-        for n in datasets._FASHION_MNIST_FILES.values()
+        for n in _base._FASHION_MNIST_FILES.values()
     )
 
 
@@ -341,7 +342,7 @@ def test_yeast_shapes():
     assert bunch.target.sum(axis=1).mean() == pytest.approx(4.237, abs=1e-3)
     assert bunch.feature_names[0] == "Att1" and bunch.target_names[-1] == "Class14"
     # First row of the CSV (checked by reading it here independently).
-    path = datasets._yeast_path()
+    path = _base._yeast_path()
     with gzip.open(path, "rt") as f:
         f.readline()
         first = np.array(f.readline().split(","), dtype=float)
@@ -496,3 +497,21 @@ def test_retrieval_split_errors():
         retrieval_split(y, n_query=1, n_train=1, database="all")
     with pytest.raises(ValueError, match="n_query"):
         retrieval_split(y, n_query=0, n_train=1)
+
+
+# --------------------------------------------------------------------------- #
+# The public namespace
+# --------------------------------------------------------------------------- #
+def test_public_namespace_holds_only_the_loaders():
+    # Regression: the module used to expose np, os, gzip, pickle, ... to tab
+    # completion. Only the names of __all__ (and private ones) may be visible.
+    public = ["load_cifar10", "load_fashion_mnist", "load_yeast", "retrieval_split"]
+    assert sorted(skquant.datasets.__all__) == public
+    assert dir(skquant.datasets) == public
+    visible = sorted(n for n in vars(skquant.datasets) if not n.startswith("_"))
+    assert visible == public
+    for name in public:
+        assert callable(getattr(skquant.datasets, name))
+    namespace = {}
+    exec("from skquant.datasets import *", namespace)
+    assert sorted(n for n in namespace if n != "__builtins__") == public

@@ -122,6 +122,47 @@ def test_from_estimator_matches_from_predictions():
         assert from_est.line_.get_label() == from_pred.line_.get_label()
 
 
+def test_truncated_ranking_is_labelled_map_at_r():
+    # AP@R of a truncated ranking is not the whole database's mAP: the legend
+    # must name the cut-off, and say plain "mAP" only for full rankings.
+    y_query, y_database, ranking = _data(n_database=30)
+    full = RetrievalCurveDisplay.from_predictions(
+        y_query, y_database, ranking, name="full"
+    )
+    top10 = RetrievalCurveDisplay.from_predictions(
+        y_query, y_database, ranking[:, :10], name="top10"
+    )
+    assert full.line_.get_label() == f"full (mAP = {full.mean_ap:0.3f})"
+    assert top10.n_database == 30
+    assert top10.line_.get_label() == f"top10 (mAP@10 = {top10.mean_ap:0.3f})"
+    assert top10.mean_ap == pytest.approx(
+        mean_average_precision(y_query, y_database, ranking, top_k=10)
+    )
+
+    X, y = make_blobs(n_samples=50, centers=3, cluster_std=4.0, random_state=1)
+    index = BruteForceIndex().fit(X[:40], y[:40])
+    whole = RetrievalCurveDisplay.from_estimator(index, X[40:], y[40:])
+    truncated = RetrievalCurveDisplay.from_estimator(
+        index, X[40:], y[40:], n_ranked=15, kind="precision_at_k"
+    )
+    assert whole.line_.get_label().startswith("BruteForceIndex (mAP = ")
+    assert truncated.line_.get_label().startswith("BruteForceIndex (mAP@15 = ")
+    # n_ranked equal to the database size is the whole ranking.
+    all40 = RetrievalCurveDisplay.from_estimator(index, X[40:], y[40:], n_ranked=40)
+    assert all40.line_.get_label() == whole.line_.get_label()
+
+    # Built directly: without n_database nothing says the ranking is cut.
+    direct = RetrievalCurveDisplay(
+        precision=top10.precision,
+        recall=top10.recall,
+        ranks=top10.ranks,
+        mean_ap=top10.mean_ap,
+    ).plot()
+    assert direct.line_.get_label() == f"mAP = {top10.mean_ap:0.3f}"
+    direct.n_database = 30
+    assert direct.plot().line_.get_label() == f"mAP@10 = {top10.mean_ap:0.3f}"
+
+
 def test_plot_rename_and_bad_kind():
     display = RetrievalCurveDisplay(
         precision=np.array([1.0, 0.5]),

@@ -41,11 +41,18 @@ class RetrievalCurveDisplay:
         items R (the precision@top-R curve).
 
     mean_ap : float, default=None
-        Mean average precision over the ``n_ranked`` items, shown in the
-        legend. None shows no value.
+        Mean average precision over the ``n_ranked`` items (mAP@n_ranked),
+        shown in the legend. None shows no value.
 
     name : str, default=None
         Name of the curve in the legend. None shows no name.
+
+    n_database : int, default=None
+        Number of items in the database that was ranked. When the rankings
+        hold fewer items (``n_ranked < n_database``), `mean_ap` is the mAP of
+        truncated rankings and the legend says ``mAP@n_ranked``, e.g.
+        "mAP@2000"; otherwise it says "mAP". None: the rankings are taken to
+        cover the whole database.
 
     Attributes
     ----------
@@ -87,6 +94,7 @@ class RetrievalCurveDisplay:
         kind="precision_recall",
         mean_ap=None,
         name=None,
+        n_database=None,
     ):
         self.precision = precision
         self.recall = recall
@@ -94,6 +102,7 @@ class RetrievalCurveDisplay:
         self.kind = kind
         self.mean_ap = mean_ap
         self.name = name
+        self.n_database = n_database
 
     def plot(self, ax=None, *, name=None, **kwargs):
         """Plot the curve.
@@ -125,7 +134,7 @@ class RetrievalCurveDisplay:
 
         label = None
         if self.mean_ap is not None:
-            label = f"mAP = {self.mean_ap:0.3f}"
+            label = f"{self._metric_name()} = {self.mean_ap:0.3f}"
             if name is not None:
                 label = f"{name} ({label})"
         elif name is not None:
@@ -147,6 +156,14 @@ class RetrievalCurveDisplay:
         self.ax_ = ax
         self.figure_ = ax.figure
         return self
+
+    def _metric_name(self):
+        # AP@R normalises by the hits within the top R, so a truncated
+        # ranking's score is not the mAP of the whole database: name its R.
+        n_ranked = len(self.ranks)
+        if self.n_database is not None and n_ranked < self.n_database:
+            return f"mAP@{n_ranked}"
+        return "mAP"
 
     @classmethod
     def from_predictions(
@@ -171,7 +188,8 @@ class RetrievalCurveDisplay:
             Database labels, of the same kind as `y_query`.
 
         ranking : array-like of int of shape (n_queries, n_ranked)
-            Indices into the database, best first.
+            Indices into the database, best first. When ``n_ranked`` is
+            smaller than the database, the legend shows mAP@n_ranked.
 
         kind : {"precision_recall", "precision_at_k"}, default="precision_recall"
             Which curve to plot.
@@ -200,6 +218,7 @@ class RetrievalCurveDisplay:
             kind=kind,
             mean_ap=mean_ap,
             name=name,
+            n_database=yd.shape[0],
         )
         return display.plot(ax=ax, **kwargs)
 
@@ -239,7 +258,8 @@ class RetrievalCurveDisplay:
 
         n_ranked : int, default=None
             Number of retrieved items per query (largest cut-off). None ranks
-            the whole database, so that recall reaches 1.
+            the whole database, so that recall reaches 1, and the legend
+            shows the mAP; a smaller value shows mAP@n_ranked.
 
         name : str, default=None
             Legend name; None uses the estimator's class name.
@@ -256,7 +276,7 @@ class RetrievalCurveDisplay:
         """
         check_matplotlib_support(f"{cls.__name__}.from_estimator")
         _check_kind(kind)
-        precision, recall, ranks, mean_ap = _estimator_curve(
+        precision, recall, ranks, mean_ap, n_database = _estimator_curve(
             estimator, X, y, n_ranked=n_ranked
         )
         name = type(estimator).__name__ if name is None else name
@@ -267,5 +287,6 @@ class RetrievalCurveDisplay:
             kind=kind,
             mean_ap=mean_ap,
             name=name,
+            n_database=n_database,
         )
         return display.plot(ax=ax, **kwargs)

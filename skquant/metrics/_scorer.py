@@ -136,7 +136,8 @@ def _score_estimator(estimator, X, y, metric="map", n_ranked=None, **kwargs):
 
 
 def _estimator_curve(estimator, X, y, n_ranked=None):
-    """Precision, recall, ranks and mAP@n_ranked of an estimator's rankings."""
+    """Precision, recall, ranks, mAP@n_ranked of an estimator's rankings, and
+    the database size."""
     yq, yd, n_database = _prepare(estimator, X, y)
     n_ranked = _check_cutoff(n_ranked, n_database, "n_ranked", upper_desc=_DB)
     n_relevant = _count_relevant(yq, yd)
@@ -145,7 +146,7 @@ def _estimator_curve(estimator, X, y, n_ranked=None):
         estimator, X, yq, yd, n_ranked, extra_row_bytes=3 * 8 * n_ranked
     ):
         acc.update(rel, n_relevant[sl])
-    return acc.result()
+    return (*acc.result(), n_database)
 
 
 class _RetrievalScorer:

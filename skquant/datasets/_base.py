@@ -1,18 +1,4 @@
-"""Loaders for labelled retrieval data and the query / training / database split.
-
-Nothing here downloads anything. The loaders read data that is already on disk:
-
-- :func:`load_fashion_mnist` reads the original IDX files (as installed by the
-  Debian package ``dataset-fashion-mnist``, or from a folder you give);
-- :func:`load_cifar10` reads a local copy of the CIFAR-10 "python version"
-  batches;
-- :func:`load_yeast` reads the multi-label Yeast set that ships inside the
-  optional PyPI package ``river``.
-
-:func:`retrieval_split` draws the query / training / database split of the
-deep-quantization evaluation protocol (DQN, AAAI 2016; DSQ, CVPR 2019), for
-single-label and multi-label targets.
-"""
+"""The loaders and the retrieval split; the public face is :mod:`skquant.datasets`."""
 
 import gzip
 import importlib.util
@@ -27,13 +13,6 @@ import numpy as np
 from scipy import sparse
 from sklearn.utils import Bunch, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
-
-__all__ = [
-    "load_cifar10",
-    "load_fashion_mnist",
-    "load_yeast",
-    "retrieval_split",
-]
 
 # Where Debian's ``dataset-fashion-mnist`` package puts the four IDX files.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
