@@ -14,6 +14,7 @@ import numbers
 from numbers import Integral
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.base import (
     BaseEstimator,
     ClassNamePrefixFeaturesOutMixin,
@@ -202,7 +203,15 @@ class BaseQuantizer(
 
     def _validate_X(self, X, *, reset=False):
         """The one input check of every public entry: array, features, float range."""
-        X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
+        X = validate_data(
+            self, X, reset=reset, dtype=[np.float64, np.float32],
+            accept_sparse=["csr", "csc", "coo"],
+        )
+        if sp.issparse(X):
+            # Row slices (encoding chunks, query batches) are cheap in CSR.
+            X = X.tocsr()
+            _check_float32_range(X.data)
+            return X
         return _check_float32_range(X)
 
     def _validate_input(self, X, y, *, reset):
@@ -506,6 +515,8 @@ class BaseQuantizer(
         tags = super().__sklearn_tags__()
         # transform returns float32 embeddings, whatever the input dtype.
         tags.transformer_tags.preserves_dtype = ["float32"]
+        # scipy sparse X is accepted everywhere, densified in bounded chunks.
+        tags.input_tags.sparse = True
         return tags
 
 

@@ -13,6 +13,7 @@ from sklearn.utils._param_validation import Interval
 from ._base import BaseQuantizer
 from ._codebooks import ProductCodebooks
 from ._product import check_codebook_size, fit_opq, fit_subspace_codebooks
+from ._rows import dense_rows
 
 
 class ProductQuantizer(BaseQuantizer):
@@ -202,5 +203,6 @@ class ProductQuantizer(BaseQuantizer):
         return from_faiss(cls, index)
 
     def _embed(self, X):
-        # PQ quantizes the input space itself.
-        return np.asarray(X, dtype=np.float32)
+        # PQ quantizes the input space itself (sparse rows densified here,
+        # one chunk of the caller's at a time).
+        return dense_rows(X, np.float32)

@@ -14,6 +14,7 @@ Pure numpy/scipy (sklearn for ``KMeans`` and batching): no estimator glue.
 import warnings
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.linalg import orthogonal_procrustes
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
@@ -58,8 +59,9 @@ def fit_subspace_codebooks(
 
     Parameters
     ----------
-    Z : ndarray of shape (n_samples, n_features)
+    Z : ndarray or sparse matrix of shape (n_samples, n_features)
         Vectors to quantize; ``n_features`` divisible by ``n_subspaces``.
+        A CSR matrix is clustered as such, one sub-space at a time.
     n_subspaces, n_codewords : int
         Number of sub-spaces ``M`` and codewords per codebook ``K``.
     init : ndarray of shape (n_subspaces, n_codewords, n_features // n_subspaces), default=None
@@ -84,7 +86,9 @@ def fit_subspace_codebooks(
     seeds = rng.randint(np.iinfo(np.int32).max, size=n_subspaces)
     n_iter = 0
     for m in range(n_subspaces):
-        block = np.ascontiguousarray(Z[:, m * subspace_dim : (m + 1) * subspace_dim])
+        columns = slice(m * subspace_dim, (m + 1) * subspace_dim)
+        # Sparse Z stays sparse (KMeans takes CSR): never densified whole.
+        block = Z[:, columns] if sp.issparse(Z) else np.ascontiguousarray(Z[:, columns])
         kmeans = KMeans(
             n_clusters=n_codewords,
             init="k-means++" if init is None else init[m],
@@ -145,6 +149,9 @@ def fit_opq(Z, n_subspaces, n_codewords, *, n_iter=10, max_iter=100, random_stat
     codebooks : ndarray of shape (n_subspaces, n_codewords, n_features // n_subspaces), float32
     """
     rng = check_random_state(random_state)
+    # A rotation mixes every feature: rotated sparse data is dense, so OPQ
+    # densifies the training set (PQ without rotation does not).
+    Z = Z.toarray() if sp.issparse(Z) else Z
     Z = np.asarray(Z, dtype=np.float64)
     rotation = np.eye(Z.shape[1])
     codebooks = None

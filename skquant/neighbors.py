@@ -15,6 +15,7 @@ search inside a :class:`~sklearn.pipeline.Pipeline`.
 from numbers import Integral
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.sparse import csr_matrix
 from sklearn.base import (
     BaseEstimator,
@@ -28,7 +29,9 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils._tags import get_tags
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._index import rows_per_chunk
 from ._persistence import _VersionedPickleMixin
+from ._rows import dense_rows
 
 __all__ = ["QuantizedKNeighborsTransformer"]
 
@@ -59,7 +62,7 @@ def row_fingerprints(X):
 
     Parameters
     ----------
-    X : ndarray of shape (n_samples, n_features), float
+    X : ndarray or sparse matrix of shape (n_samples, n_features), float
 
     Returns
     -------
@@ -68,9 +71,12 @@ def row_fingerprints(X):
     n_samples, n_features = X.shape
     out = np.empty(n_samples, dtype=np.uint64)
     salts = _mix64(_GOLDEN * np.arange(1, n_features + 1, dtype=np.uint64))
-    for batch in gen_batches(n_samples, _FINGERPRINT_BATCH):
+    # Batches of dense float64 rows within working_memory (sparse X is
+    # densified one batch at a time); the result does not depend on them.
+    batch_rows = min(_FINGERPRINT_BATCH, rows_per_chunk(16 * max(n_features, 1)))
+    for batch in gen_batches(n_samples, batch_rows):
         # + 0.0 maps -0.0 to 0.0, so equal values have equal bits.
-        words = (np.asarray(X[batch], dtype=np.float64) + 0.0).view(np.uint64)
+        words = (dense_rows(X[batch], np.float64) + 0.0).view(np.uint64)
         h = np.full(words.shape[0], _GOLDEN, dtype=np.uint64)
         for j in range(n_features):
             h = _mix64(h ^ _mix64(words[:, j] ^ salts[j]))
@@ -182,7 +188,10 @@ class QuantizedKNeighborsTransformer(
         self : QuantizedKNeighborsTransformer
             The fitted transformer.
         """
-        X = validate_data(self, X, dtype=[np.float64, np.float32])
+        X = validate_data(
+            self, X, dtype=[np.float64, np.float32], accept_sparse=["csr", "csc", "coo"]
+        )
+        X = X.tocsr() if sp.issparse(X) else X
         quantizer = clone(self.quantizer)
         quantizer.fit(X) if y is None else quantizer.fit(X, y)
         self.quantizer_ = quantizer
@@ -213,7 +222,11 @@ class QuantizedKNeighborsTransformer(
             indexed sample has it at distance 0.
         """
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        X = validate_data(
+            self, X, reset=False, dtype=[np.float64, np.float32],
+            accept_sparse=["csr", "csc", "coo"],
+        )
+        X = X.tocsr() if sp.issparse(X) else X
         n_neighbors = self.n_neighbors + (self.mode == "distance")
         if n_neighbors > self.n_samples_fit_:
             raise ValueError(
@@ -298,4 +311,5 @@ class QuantizedKNeighborsTransformer(
         quantizer_tags = get_tags(self.quantizer)
         tags.target_tags.required = quantizer_tags.target_tags.required
         tags.non_deterministic = quantizer_tags.non_deterministic
+        tags.input_tags.sparse = quantizer_tags.input_tags.sparse
         return tags

@@ -39,6 +39,8 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.sparsefuncs import mean_variance_axis
 from torch import nn
 
+from .._rows import dense_rows
+
 __all__ = [
     "EmbeddingNetwork",
     "L2Normalize",
@@ -46,7 +48,6 @@ __all__ = [
     "build_embedding_network",
     "build_mlp",
     "check_input_shape",
-    "dense_rows",
     "embed",
     "inference_dtype",
     "inference_device",
@@ -705,26 +706,6 @@ def prepare_labels(y, *, estimator_name="estimator"):
             )
         return torch.as_tensor(Y)
     raise ValueError(f"y must be 1-D or 2-D, got {y.ndim} dimensions")
-
-
-def dense_rows(X, dtype=np.float32):
-    """A fresh, writeable, C-ordered dense copy of rows ``X`` in ``dtype``.
-
-    ``X`` is a slice of the data: a numpy array (possibly a read-only
-    memmap, which torch cannot wrap without a warning) or a scipy sparse
-    matrix, densified here -- one mini-batch or one inference batch at a
-    time, so sparse data is never densified whole.
-
-    Examples
-    --------
-    >>> import scipy.sparse as sp
-    >>> dense_rows(sp.csr_matrix(np.eye(2)))
-    array([[1., 0.],
-           [0., 1.]], dtype=float32)
-    """
-    if sp.issparse(X):
-        return np.ascontiguousarray(X.toarray(), dtype=dtype)
-    return np.array(X, dtype=dtype, order="C")
 
 
 def training_rows(X):
