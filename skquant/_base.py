@@ -30,6 +30,7 @@ from ._codebooks import AdditiveCodebooks, ProductCodebooks
 from ._convergence import warn_if_collapsed
 from ._index import QuantizedIndex, rows_per_chunk
 from ._persistence import _VersionedPickleMixin
+from ._progress import Progress
 
 
 def _check_labels(y, n_samples):
@@ -118,11 +119,16 @@ class BaseQuantizer(
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Training data, also the searchable database.
         y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
             Class labels, or a 0/1 indicator matrix for multi-label data (two
-            items are similar when they share a label). Required by the deep
+            items are similar when they share a label). An unsupervised
+            quantizer (:class:`ProductQuantizer`) learns nothing from ``y``:
+            like ``NearestNeighbors.fit`` it accepts any ``y`` (e.g. the
+            continuous multi-output target of a pipeline ending in a
+            regressor) and keeps it for :meth:`score` only when it is class
+            labels or an indicator matrix. Required by the deep
             (supervised) estimators; kept as the database labels for
             :meth:`score`.
 
@@ -150,7 +156,7 @@ class BaseQuantizer(
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Items to index.
         y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
             Their labels, used by :meth:`score`.
@@ -170,7 +176,7 @@ class BaseQuantizer(
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Items to append; their indices follow the existing ones.
         y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
             Their labels; required when the index holds labels, and refused
@@ -220,7 +226,17 @@ class BaseQuantizer(
             # ("... requires y to be passed, but the target y is None").
             validate_data(self, X, y=None, reset=reset)
         X = self._validate_X(X, reset=reset)
-        return X, (None if y is None else _check_labels(y, X.shape[0]))
+        if y is None:
+            return X, None
+        if reset and not self.__sklearn_tags__().target_tags.required:
+            # Unsupervised fit: y is not learned from, so a y that is no
+            # retrieval labels is ignored (as NearestNeighbors.fit ignores
+            # y), not refused; index()/add() still check what they store.
+            try:
+                return X, _check_labels(y, X.shape[0])
+            except ValueError:
+                return X, None
+        return X, _check_labels(y, X.shape[0])
 
     def _set_index(self, codes, y):
         """A new index of ``codes`` (and labels ``y``) over ``quantizer_``."""
@@ -269,7 +285,7 @@ class BaseQuantizer(
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Input data.
 
         Returns
@@ -286,7 +302,7 @@ class BaseQuantizer(
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Input data.
 
         Returns
@@ -335,8 +351,11 @@ class BaseQuantizer(
             (X.shape[0], quantizer.n_codebooks), dtype=quantizer.code_dtype, order="F"
         )
         row_bytes = 8 * (X.shape[1] + quantizer.dim + quantizer.n_codewords)
+        progress = Progress(type(self).__name__, "encoded", X.shape[0],
+                            getattr(self, "verbose", 0))
         for batch in gen_batches(X.shape[0], rows_per_chunk(row_bytes)):
             codes[batch] = quantizer.encode(self._embed(X[batch]))
+            progress.update(batch.stop - batch.start)
         return codes
 
     @property
@@ -350,12 +369,18 @@ class BaseQuantizer(
         Same contract as :meth:`sklearn.neighbors.NearestNeighbors.kneighbors`:
         rows sorted by increasing distance, equal distances ordered by lower
         index, and ``X=None`` returns each indexed item's neighbors without
-        itself. As only codes are stored, ``X=None`` queries with the items'
-        reconstructions.
+        itself. Where it differs: as only codes are stored, ``X=None``
+        queries with the items' reconstructions, and an item is removed from
+        its own list by index, not by distance. With more items at distance
+        0 than ``n_neighbors`` (duplicates), scikit-learn drops the first
+        column, which may hold a duplicate rather than the item itself, so
+        its list can keep the item and lose a duplicate; here the item itself
+        is the one dropped and the duplicates with the lowest indices are
+        kept.
 
         Parameters
         ----------
-        X : array-like of shape (n_queries, n_features), default=None
+        X : {array-like, sparse matrix} of shape (n_queries, n_features), default=None
             Query points; ``None`` queries the indexed items.
         n_neighbors : int, default=None
             Number of neighbors per query; the constructor's value by default.
@@ -468,7 +493,7 @@ class BaseQuantizer(
 
         Parameters
         ----------
-        X : array-like of shape (n_queries, n_features)
+        X : {array-like, sparse matrix} of shape (n_queries, n_features)
             Queries.
         y : array-like of shape (n_queries,) or (n_queries, n_labels)
             Their labels.

@@ -56,6 +56,10 @@ class ProductQuantizer(BaseQuantizer):
         gives exactly the exhaustive result.
     random_state : int, RandomState instance or None, default=None
         Seeds k-means; pass an int for reproducible codebooks.
+    verbose : int, default=0
+        1 prints the progress of long encodes (``fit``, ``index``, ``add``,
+        ``encode``) and rankings (``score``) every few seconds; 2 after every
+        chunk.
 
     Attributes
     ----------
@@ -119,6 +123,7 @@ class ProductQuantizer(BaseQuantizer):
         "n_rotation_iter": [Interval(Integral, 1, None, closed="left")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
+        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -134,6 +139,7 @@ class ProductQuantizer(BaseQuantizer):
         n_lists=None,
         n_probe=8,
         random_state=None,
+        verbose=0,
     ):
         self.n_subspaces = n_subspaces
         self.n_codewords = n_codewords
@@ -145,6 +151,7 @@ class ProductQuantizer(BaseQuantizer):
         self.n_lists = n_lists
         self.n_probe = n_probe
         self.random_state = random_state
+        self.verbose = verbose
 
     def _fit(self, X, y):
         n_samples, n_features = X.shape

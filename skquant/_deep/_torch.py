@@ -39,6 +39,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.sparsefuncs import mean_variance_axis
 from torch import nn
 
+from .._progress import format_seconds
 from .._rows import dense_rows
 
 __all__ = [
@@ -1026,21 +1027,4 @@ def train_epochs(
                 flush=True,
             )
     return completed
-
-
-def format_seconds(seconds):
-    """Short human duration for progress lines.
-
-    Examples
-    --------
-    >>> format_seconds(4.25), format_seconds(75), format_seconds(7300)
-    ('4.2s', '1m15s', '2h01m')
-    """
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
 

@@ -9,9 +9,11 @@ The estimator glue lives here; the numbers come from the kernels of
 # SPDX-License-Identifier: BSD-3-Clause
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.utils import _safe_indexing, check_consistent_length
 from sklearn.utils.validation import check_is_fitted
 
+from .._progress import Progress
 from ._ranking import (
     _ap_from_relevance,
     _check_cutoff,
@@ -48,11 +50,16 @@ def _iter_rankings(estimator, X, yq, yd, n_ranked, extra_row_bytes=0):
     ``sklearn.get_config()["working_memory"]``.
     """
     row_bytes = _row_bytes(yd, n_ranked) + n_ranked * (8 + 8) + extra_row_bytes
+    if sp.issparse(X) and X.format not in ("csr", "csc"):
+        X = X.tocsr()  # COO and friends cannot be sliced by rows
+    progress = Progress(type(estimator).__name__, "ranked the database for",
+                        yq.shape[0], getattr(estimator, "verbose", 0))
     for sl in _query_chunks(yq.shape[0], row_bytes):
         ranking = estimator.kneighbors(
             _safe_indexing(X, sl), n_neighbors=n_ranked, return_distance=False
         )
         yield sl, _relevance(yq[sl], yd, np.asarray(ranking))
+        progress.update(sl.stop - sl.start)
 
 
 def _prepare(estimator, X, y):
