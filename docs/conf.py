@@ -151,12 +151,14 @@ def _write_api_page():
     import skquant.datasets
     import skquant.metrics
     import skquant.neighbors
+    import skquant.pipeline
 
     top = _public_names(skquant)
     # Names of skquant.neighbors also exported at the top level are documented there.
     neighbors = [n for n in _public_names(skquant.neighbors) if n not in top]
     lists = {
         "skquant": _api_list("skquant", top),
+        "pipeline": _api_list("skquant.pipeline", _public_names(skquant.pipeline)),
         "neighbors": _api_list("skquant.neighbors", neighbors)
         if neighbors
         else "Everything here is also exported by :mod:`skquant` (see above).\n",
