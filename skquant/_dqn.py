@@ -19,9 +19,12 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._base import BaseQuantizer
 from ._losses import (
+    PosteriorEmbedding,
     label_similarity,
     pairwise_cosine_loss,
     pairwise_inner_product_loss,
+    posterior_basis,
+    posterior_loss,
     product_quantization_loss,
 )
 from ._pq import (
@@ -49,6 +52,54 @@ _SIMILARITY_LOSSES = {
     "cosine": pairwise_cosine_loss,
     "inner_product": pairwise_inner_product_loss,
 }
+_LOSSES = (*_SIMILARITY_LOSSES, "posterior")
+
+
+def build_posterior_network(X, labels, *, embedding_dim, seed, temperature=1.0,
+                            **network_params):
+    """Embedding network whose output is its own classifier's posterior.
+
+    The linear head maps the backbone's features to one logit per class (or
+    label); the output layer turns them into the posterior written in a fixed
+    basis of ``R^embedding_dim`` (:class:`PosteriorEmbedding`). Shared by
+    both deep quantizers' ``loss="posterior"``.
+
+    Parameters
+    ----------
+    X : ndarray
+        Training inputs (standardisation statistics, backbone dry run).
+    labels : torch.Tensor
+        From :func:`prepare_labels`: int64 ``(n,)`` or float ``(n, L)``.
+    embedding_dim : int
+    seed : int
+        Seeds the basis.
+    temperature : float, default=1.0
+        Of the posterior used as embedding (:class:`PosteriorEmbedding`).
+    **network_params
+        ``backbone``, ``hidden_layer_sizes``, ``dropout``, ``input_shape`` of
+        :func:`build_embedding_network`.
+
+    Returns
+    -------
+    network : EmbeddingNetwork
+        ``network.head`` gives the logits (see :func:`posterior_logits`).
+    """
+    multilabel = labels.ndim == 2
+    n_outputs = labels.shape[1] if multilabel else int(labels.max()) + 1
+    network = build_embedding_network(
+        X, embedding_dim=n_outputs, output="identity", **network_params
+    )
+    network.output = PosteriorEmbedding(
+        posterior_basis(n_outputs, embedding_dim, seed), multilabel=multilabel,
+        temperature=temperature,
+    )
+    return network
+
+
+def posterior_logits(network, x):
+    """``(logits, embedding)`` of a network from :func:`build_posterior_network`."""
+    logits = network.head(network.features(x))
+    return logits, network.output(logits)
 
 
 class DeepQuantizer(BaseQuantizer):
@@ -218,15 +269,21 @@ class DeepQuantizer(BaseQuantizer):
     """
 
     _codebook_layout = "product"
-    _metric = "euclidean"
+
+    @property
+    def _metric(self):
+        # The paper's Euclidean AQD, unless the fitted embedding is a
+        # posterior, whose inner product is the ranking it is made for.
+        return getattr(self, "metric_", "euclidean")
 
     _parameter_constraints = {
         **BaseQuantizer._parameter_constraints,
         **NETWORK_PARAMETER_CONSTRAINTS,
         "n_subspaces": [Interval(Integral, 1, None, closed="left")],
         "n_codewords": [Interval(Integral, 1, 2**16, closed="both")],
-        "loss": [StrOptions(set(_SIMILARITY_LOSSES))],
+        "loss": [StrOptions(set(_LOSSES))],
         "quantization_weight": [Interval(Real, 0, None, closed="left")],
+        "temperature": [Interval(Real, 0, None, closed="neither")],
         "joint": ["boolean"],
         "codebook_update_period": [Interval(Integral, 1, None, closed="left")],
         "backbone_learning_rate": [None, Interval(Real, 0, None, closed="left")],
@@ -241,14 +298,15 @@ class DeepQuantizer(BaseQuantizer):
         backbone=None,
         hidden_layer_sizes=(256,),
         input_shape=None,
-        loss="cosine",
+        loss="posterior",
         quantization_weight=0.01,
+        temperature=2.0,
         joint=True,
         max_epochs=60,
         warmup_epochs=10,
         codebook_update_period=2,
         batch_size=128,
-        learning_rate=3e-3,
+        learning_rate=1e-3,
         backbone_learning_rate=None,
         weight_decay=1e-4,
         dropout=0.0,
@@ -268,6 +326,7 @@ class DeepQuantizer(BaseQuantizer):
         self.input_shape = input_shape
         self.loss = loss
         self.quantization_weight = quantization_weight
+        self.temperature = temperature
         self.joint = joint
         self.max_epochs = max_epochs
         self.warmup_epochs = warmup_epochs
@@ -307,27 +366,35 @@ class DeepQuantizer(BaseQuantizer):
         rng = check_random_state(self.random_state)
         seed = torch_seed(rng)
         device = resolve_device(self.device)
-        similarity_loss = _SIMILARITY_LOSSES[self.loss]
+        posterior = self.loss == "posterior"
+        similarity_loss = _SIMILARITY_LOSSES.get(self.loss)
         weight = float(self.quantization_weight) if self.joint else 0.0
         M, K = self.n_subspaces, self.n_codewords
 
         # Writeable: torch warns when wrapping read-only memory (joblib memmaps).
         X_tensor = torch.from_numpy(np.require(X, np.float32, ["C", "W"]))
         X32 = X_tensor.numpy()  # float32 view: eval passes need no conversion
-        labels = labels.to(device)
+        labels_cpu, labels = labels, labels.to(device)
         history = []
         state = {"codebooks": None, "target": None}
 
         with torch_rng_context(seed, device):
-            network = build_embedding_network(
-                X,
-                embedding_dim=self.embedding_dim,
+            network_params = dict(
                 backbone=self.backbone,
                 hidden_layer_sizes=hidden,
                 dropout=self.dropout,
                 input_shape=self.input_shape,
-                output="tanh",
-            ).to(device)
+            )
+            if posterior:
+                network = build_posterior_network(
+                    X, labels_cpu, embedding_dim=self.embedding_dim, seed=seed,
+                    temperature=self.temperature, **network_params,
+                ).to(device)
+            else:
+                network = build_embedding_network(
+                    X, embedding_dim=self.embedding_dim, output="tanh",
+                    **network_params,
+                ).to(device)
             optimizer = make_optimizer(
                 network,
                 learning_rate=self.learning_rate,
@@ -353,16 +420,24 @@ class DeepQuantizer(BaseQuantizer):
                 error = float(np.mean(np.sum((Z - Z_hat) ** 2, axis=1)))
                 return {"quantization_error": error}
 
+            # Name of the main loss term in history_ and verbose lines.
+            main_name = "cross_entropy" if posterior else "similarity"
+
             def batch_loss(idx):
-                z = network(X_tensor[idx].to(device, non_blocking=True))
+                x = X_tensor[idx].to(device, non_blocking=True)
                 idx_dev = idx.to(device)
-                sim = similarity_loss(z, label_similarity(labels[idx_dev]))
+                if posterior:
+                    logits, z = posterior_logits(network, x)
+                    main = posterior_loss(logits, labels[idx_dev])
+                else:
+                    z = network(x)
+                    main = similarity_loss(z, label_similarity(labels[idx_dev]))
+                parts = {main_name: float(main.detach())}
                 if weight > 0 and state["target"] is not None:
                     quant = product_quantization_loss(z, state["target"][idx_dev])
-                    parts = {"similarity": float(sim.detach()),
-                             "quantization": float(quant.detach())}
-                    return sim + weight * quant, parts
-                return sim, {"similarity": float(sim.detach())}
+                    parts["quantization"] = float(quant.detach())
+                    return main + weight * quant, parts
+                return main, parts
 
             n_iter = train_epochs(
                 network,
@@ -382,6 +457,7 @@ class DeepQuantizer(BaseQuantizer):
 
         network.cpu().eval()
         self.module_ = network
+        self.metric_ = "inner_product" if posterior else "euclidean"
         self.device_ = device
         self.history_ = history
         self.n_iter_ = n_iter

@@ -5,7 +5,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._additive import (
     additive_decode,
@@ -19,8 +19,9 @@ from ._additive import (
     update_codebooks,
 )
 from ._base import BaseQuantizer
+from ._dqn import build_posterior_network, posterior_logits
 from ._dsq_losses import CosineClassifier, softmax_loss
-from ._losses import mean_squared_distance
+from ._losses import mean_squared_distance, posterior_loss
 from ._torch import (
     NETWORK_PARAMETER_CONSTRAINTS,
     build_embedding_network,
@@ -260,6 +261,8 @@ class SphericalQuantizer(BaseQuantizer):
         "center_weight": [Interval(Real, 0, None, closed="left")],
         "discriminative_weight": [Interval(Real, 0, None, closed="left")],
         "softmax_scale": [Interval(Real, 0, None, closed="neither")],
+        "loss": [StrOptions({"posterior", "dsq"})],
+        "temperature": [Interval(Real, 0, None, closed="neither")],
         "n_icm_sweeps": [Interval(Integral, 0, None, closed="left")],
         "beam_width": [Interval(Integral, 1, None, closed="left")],
     }
@@ -278,6 +281,8 @@ class SphericalQuantizer(BaseQuantizer):
         center_weight=0.01,
         discriminative_weight=0.1,
         softmax_scale=16.0,
+        loss="posterior",
+        temperature=2.0,
         warmup_epochs=5,
         max_epochs=50,
         batch_size=128,
@@ -305,6 +310,8 @@ class SphericalQuantizer(BaseQuantizer):
         self.center_weight = center_weight
         self.discriminative_weight = discriminative_weight
         self.softmax_scale = softmax_scale
+        self.loss = loss
+        self.temperature = temperature
         self.warmup_epochs = warmup_epochs
         self.max_epochs = max_epochs
         self.batch_size = batch_size
@@ -339,32 +346,45 @@ class SphericalQuantizer(BaseQuantizer):
         # Writeable: torch warns when wrapping read-only memory (joblib memmaps).
         X = np.require(X, np.float32, ["C", "W"])
         X_t = torch.from_numpy(X)
+        posterior = self.loss == "posterior"
         lam1 = float(self.quantization_weight)
-        lam2 = float(self.center_weight)
-        lam3 = float(self.discriminative_weight)
+        # The posterior is pulled to its class's corner by the cross-entropy
+        # already; centre terms would only make it over-confident.
+        lam2 = 0.0 if posterior else float(self.center_weight)
+        lam3 = 0.0 if posterior else float(self.discriminative_weight)
         M, K, s = self.n_codebooks, self.n_codewords, self.sparsity
 
+        network_params = dict(
+            backbone=self.backbone,
+            hidden_layer_sizes=tuple(self.hidden_layer_sizes),
+            dropout=self.dropout,
+            input_shape=self.input_shape,
+        )
         with torch_rng_context(seed, device):
-            network = build_embedding_network(
-                X,
-                embedding_dim=self.embedding_dim,
-                backbone=self.backbone,
-                hidden_layer_sizes=tuple(self.hidden_layer_sizes),
-                dropout=self.dropout,
-                input_shape=self.input_shape,
-                output="l2",
-            )
-            classifier = CosineClassifier(
-                self.embedding_dim, n_classes, self.softmax_scale
-            )
+            if posterior:
+                network = build_posterior_network(
+                    X, labels, embedding_dim=self.embedding_dim, seed=seed,
+                    temperature=self.temperature, **network_params,
+                )
+                classifier = None
+            else:
+                network = build_embedding_network(
+                    X, embedding_dim=self.embedding_dim, output="l2",
+                    **network_params,
+                )
+                classifier = CosineClassifier(
+                    self.embedding_dim, n_classes, self.softmax_scale
+                )
         network.to(device)
-        classifier.to(device)
         optimizer = make_optimizer(
             network, learning_rate=self.learning_rate, weight_decay=self.weight_decay
         )
-        optimizer.add_param_group(
-            {"params": list(classifier.parameters()), "lr": float(self.learning_rate)}
-        )
+        if classifier is not None:
+            classifier.to(device)
+            optimizer.add_param_group(
+                {"params": list(classifier.parameters()),
+                 "lr": float(self.learning_rate)}
+            )
         labels_dev = labels.to(device)
         mask_dev = torch.as_tensor(has_label, device=device)
         # Everything the network step needs from the last codebook update.
@@ -432,15 +452,21 @@ class SphericalQuantizer(BaseQuantizer):
             return None
 
         def batch_loss(idx):
-            z = network(X_t[idx].to(device))
-            ce = softmax_loss(classifier(z), labels_dev[idx.to(device)])
+            if posterior:
+                logits, z = posterior_logits(network, X_t[idx].to(device))
+                ce = posterior_loss(logits, labels_dev[idx.to(device)])
+            else:
+                z = network(X_t[idx].to(device))
+                ce = softmax_loss(classifier(z), labels_dev[idx.to(device)])
             parts = {"cross_entropy": float(ce.detach())}
             if state["recon"] is None:
                 return ce, parts
             idx_d = idx.to(device)
             quant = mean_squared_distance(z, state["recon"][idx_d])
-            center = mean_squared_distance(z, state["centers"][idx_d], mask_dev[idx_d])
             parts["quantization"] = float(quant.detach())
+            if lam2 == 0:
+                return ce + lam1 * quant, parts
+            center = mean_squared_distance(z, state["centers"][idx_d], mask_dev[idx_d])
             parts["center"] = float(center.detach())
             return ce + lam1 * quant + lam2 * center, parts
 
@@ -468,7 +494,7 @@ class SphericalQuantizer(BaseQuantizer):
                 flush=True,
             )
         self.module_ = network.cpu().eval()
-        self.classifier_ = classifier.cpu().eval()
+        self.classifier_ = None if classifier is None else classifier.cpu().eval()
         self.device_ = device
         self.codebooks_ = state["codebooks"].astype(np.float32)
         self.class_centers_ = state["phi"].astype(np.float32)

@@ -13,6 +13,9 @@ Conventions
 - Pairwise losses are **means over all b x b entries** (the diagonal included),
   as in the authors' DQN code; the weight of the quantization term is relative
   to these means (see ``methods.md`` section 1.3).
+- :class:`PosteriorEmbedding` (a module without trained parameters) and
+  :func:`posterior_loss` serve the classification-style objective
+  (``loss="posterior"``) of both deep quantizers.
 """
 
 import torch
@@ -24,6 +27,9 @@ __all__ = [
     "mean_squared_distance",
     "product_quantization_loss",
     "product_reconstruction",
+    "posterior_basis",
+    "PosteriorEmbedding",
+    "posterior_loss",
 ]
 
 
@@ -220,3 +226,124 @@ def mean_squared_distance(A, B, mask=None):
             return sq.sum() * 0.0
         sq = sq[mask]
     return sq.mean()
+
+
+# --------------------------------------------------------------------------- #
+# Posterior embedding (classification-style objective)
+# --------------------------------------------------------------------------- #
+def posterior_basis(n_outputs, embedding_dim, seed=0):
+    """Fixed ``(n_outputs, embedding_dim)`` basis the posterior is written in.
+
+    Rows are orthonormal when ``embedding_dim >= n_outputs`` (QR of a seeded
+    Gaussian matrix), so inner products and distances between embeddings
+    equal those between posterior vectors exactly. With more outputs than
+    dimensions the rows are random unit vectors (a Johnson-Lindenstrauss
+    projection: inner products are approximated). A random rotation rather
+    than zero padding spreads the posterior over every sub-space of a product
+    quantizer instead of leaving most of them constant.
+
+    Parameters
+    ----------
+    n_outputs : int
+        Number of classes (or labels).
+    embedding_dim : int
+    seed : int, default=0
+
+    Returns
+    -------
+    basis : torch.Tensor of shape (n_outputs, embedding_dim), float32
+
+    Examples
+    --------
+    >>> B = posterior_basis(3, 5)
+    >>> bool(torch.allclose(B @ B.T, torch.eye(3), atol=1e-5))
+    True
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    G = torch.randn(int(embedding_dim), int(n_outputs), generator=gen,
+                    dtype=torch.float64)
+    if embedding_dim >= n_outputs:
+        Q, _ = torch.linalg.qr(G)
+        return Q.T.contiguous().to(torch.float32)
+    return (G / torch.linalg.vector_norm(G, dim=0, keepdim=True)).T.contiguous().to(
+        torch.float32
+    )
+
+
+class PosteriorEmbedding(torch.nn.Module):
+    """Class posterior of a classifier, as an embedding.
+
+    ``z = p(x) @ basis`` with ``p`` the softmax of the logits (one class per
+    item) or the per-label sigmoids (multi-label). With orthonormal basis
+    rows, ``<z_q, z_x> = <p_q, p_x>``: for calibrated single-label posteriors
+    this is the probability that the two items share their class, i.e. the
+    ranking that maximises expected precision at every rank.
+
+    Parameters
+    ----------
+    basis : torch.Tensor of shape (n_outputs, embedding_dim)
+        From :func:`posterior_basis`; stored as a buffer (saved and moved
+        with the module, never trained).
+    multilabel : bool
+        Sigmoid per label instead of softmax.
+    temperature : float, default=1.0
+        The embedding is the posterior of ``logits / temperature`` (the
+        training loss always sees ``logits``). Above 1 it softens the
+        near one-hot posteriors of confident items, which otherwise collapse
+        onto the same codewords (ties at the top of the ranking).
+
+    Examples
+    --------
+    >>> head = PosteriorEmbedding(posterior_basis(2, 4), multilabel=False)
+    >>> z = head(torch.tensor([[0.0, 0.0]]))
+    >>> round(float(z.norm()), 4)  # (0.5, 0.5) has norm 1 / sqrt(2)
+    0.7071
+    """
+
+    def __init__(self, basis, multilabel=False, temperature=1.0):
+        super().__init__()
+        self.register_buffer("basis", basis.to(torch.float32).clone())
+        self.multilabel = bool(multilabel)
+        self.temperature = float(temperature)
+
+    def probabilities(self, logits):
+        """Softmax (or per-label sigmoid) of ``logits / temperature``."""
+        logits = logits / self.temperature
+        if self.multilabel:
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=1)
+
+    def forward(self, logits):
+        return self.probabilities(logits) @ self.basis
+
+
+def posterior_loss(logits, labels):
+    """Cross-entropy of the classifier behind :class:`PosteriorEmbedding`.
+
+    1-D ``labels``: softmax cross-entropy. 2-D 0/1 indicator ``labels``:
+    binary cross-entropy of each label's sigmoid, averaged over labels and
+    rows (items without any label still teach the network that they have
+    none).
+
+    Parameters
+    ----------
+    logits : torch.Tensor of shape (b, L)
+    labels : torch.Tensor of shape (b,) int64 or (b, L) float
+
+    Returns
+    -------
+    loss : torch.Tensor, scalar
+
+    Examples
+    --------
+    >>> logits = torch.zeros(2, 2)
+    >>> round(float(posterior_loss(logits, torch.tensor([0, 1]))), 4)
+    0.6931
+    >>> round(float(posterior_loss(logits, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))), 4)
+    0.6931
+    """
+    if labels.ndim == 1:
+        return torch.nn.functional.cross_entropy(logits, labels.long())
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, labels.to(logits.dtype)
+    )
