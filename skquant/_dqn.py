@@ -1,12 +1,14 @@
 """DeepQuantizer: the Deep Quantization Network (DQN, Cao et al., AAAI 2016).
 
-A network maps inputs to an embedding ``z`` (tanh bottleneck, DQN's fcb layer)
-trained with a pairwise cosine loss on label similarity plus a product
+A network maps inputs to an embedding ``z`` trained jointly with a product
 quantization loss that pulls ``z`` towards its block-diagonal codebook
 reconstruction ``C h``. Network steps (codebooks and codes fixed) alternate
 with codebook refits (k-means per sub-space, warm-started) and code
-re-assignment (nearest codeword). Search is PQ's Euclidean asymmetric
-quantizer distance (AQD) on the embedding, shared with
+re-assignment (nearest codeword). ``loss="cosine"`` is the paper: a tanh
+bottleneck (DQN's fcb layer) with a pairwise cosine loss on label
+similarity, searched by PQ's Euclidean asymmetric quantizer distance (AQD).
+The default ``loss="posterior"`` makes the embedding the network's own class
+posterior and searches it by inner-product AQD. Search is shared with
 :class:`~skquant.ProductQuantizer` through :class:`~skquant.BaseQuantizer`.
 """
 
@@ -105,13 +107,27 @@ def posterior_logits(network, x):
 class DeepQuantizer(BaseQuantizer):
     """Deep Quantization Network (DQN): supervised deep product quantization.
 
-    Learns a neural embedding in which items that share a label have
-    cosine similarity +1 and the others -1 (pairwise cosine loss), jointly
-    with block-diagonal product-quantization codebooks on that embedding (the
-    quantization loss ``||z - C h||^2`` makes the embedding easy to quantize).
-    Items are stored as ``n_subspaces`` codes of ``log2(n_codewords)`` bits
-    each and searched by asymmetric quantizer distance (AQD): the query's
-    embedding is exact, the database is quantized.
+    Learns a neural embedding jointly with block-diagonal
+    product-quantization codebooks on it (the quantization loss
+    ``||z - C h||^2`` makes the embedding easy to quantize). Items are stored
+    as ``n_subspaces`` codes of ``log2(n_codewords)`` bits each and searched
+    by asymmetric quantizer distance (AQD): the query's embedding is exact,
+    the database is quantized.
+
+    Two families of embedding (``loss``):
+
+    - ``"posterior"`` (default): the network ends in a classifier (one logit
+      per class, or per label for a 2-D ``y``) trained with cross-entropy;
+      the embedding is its posterior at ``temperature`` (softmax; per-label
+      sigmoids for multi-label ``y``) written in a fixed orthonormal basis of
+      ``R^embedding_dim``, and the database is ranked by the inner product
+      ``<z_q, C h>``. For calibrated posteriors that inner product is the
+      probability that query and item share their class: the ranking a
+      classifier's output gives, quantized.
+    - ``"cosine"``: the paper (DQN paper mode). A tanh bottleneck in which
+      items that share a label have cosine similarity +1 and the others -1
+      (pairwise cosine loss), ranked by Euclidean AQD. ``"inner_product"``
+      is the paper's DQN_ip ablation.
 
     Training follows the authors' schedule: ``warmup_epochs`` epochs on the
     similarity loss alone, then every ``codebook_update_period`` epochs the
@@ -143,15 +159,22 @@ class DeepQuantizer(BaseQuantizer):
     input_shape : tuple of int, default=None
         Shape each row of ``X`` is reshaped to before the backbone, e.g.
         ``(3, 32, 32)``; its product must equal ``n_features``.
-    loss : {"cosine", "inner_product"}, default="cosine"
-        Pairwise similarity loss: DQN's ``(s_ij - cos(z_i, z_j))^2``, or the
-        ``(s_ij - <z_i, z_j> / D)^2`` loss of earlier work (the paper's DQN_ip
-        ablation).
+    loss : {"posterior", "cosine", "inner_product"}, default="posterior"
+        ``"posterior"``: cross-entropy of a classifier whose posterior is the
+        embedding, searched by inner-product AQD (see above and Notes).
+        ``"cosine"``: DQN's pairwise ``(s_ij - cos(z_i, z_j))^2`` on a tanh
+        bottleneck, searched by Euclidean AQD (the paper).
+        ``"inner_product"``: the ``(s_ij - <z_i, z_j> / D)^2`` loss of
+        earlier work (the paper's DQN_ip ablation), Euclidean AQD.
     quantization_weight : float, default=0.01
         Weight ``lambda`` of the quantization loss (mean over the batch of
         ``||z - C h||^2``) relative to the similarity loss (mean over the
         batch's pairs). The paper's code uses 1e-4 with a 300-d AlexNet
         bottleneck; see Notes.
+    temperature : float, default=2.0
+        With ``loss="posterior"``: the embedding is the posterior of
+        ``logits / temperature`` (training sees the plain logits). Ignored by
+        the pairwise losses.
     joint : bool, default=True
         Learn the codebooks jointly with the network (DQN). ``False`` learns
         the embedding with the similarity loss alone, then quantizes it with
@@ -165,7 +188,7 @@ class DeepQuantizer(BaseQuantizer):
     batch_size : int, default=128
         Mini-batch size; the pairwise loss uses all pairs of a batch. Also the
         batch size of the eval-mode forward passes.
-    learning_rate : float, default=3e-3
+    learning_rate : float, default=1e-3
         Adam learning rate of the bottleneck (and of the backbone unless
         ``backbone_learning_rate`` is set).
     backbone_learning_rate : float, default=None
@@ -212,6 +235,10 @@ class DeepQuantizer(BaseQuantizer):
         Sub-space codebooks (float32).
     rotation_ : ndarray of shape (embedding_dim, embedding_dim) or None
         OPQ rotation (only with ``joint=False``).
+    metric_ : {"inner_product", "euclidean"}
+        What the search ranks by: inner-product AQD for ``loss="posterior"``
+        (:meth:`kneighbors` reports ``1 - <z_q, C h>``), the paper's
+        Euclidean AQD otherwise.
     codes_ : ndarray of shape (n_samples_fit, n_subspaces)
         Codes of the indexed database (uint8 when ``n_codewords <= 256``).
     database_labels_ : ndarray or None
@@ -221,7 +248,8 @@ class DeepQuantizer(BaseQuantizer):
     n_samples_fit_ : int
         Number of indexed items.
     history_ : list of dict
-        One record per epoch: ``epoch``, ``loss``, ``similarity``,
+        One record per epoch: ``epoch``, ``loss``, ``cross_entropy``
+        (``loss="posterior"``) or ``similarity`` (pairwise losses),
         ``quantization`` (after the warm-up), ``quantization_error`` (mean
         ``||z - C h||^2`` of the training set at each codebook refit) and
         ``time`` in seconds.

@@ -72,19 +72,27 @@ def _class_centers(A, Z, X_hat, center_weight, discriminative_weight):
 
 
 class SphericalQuantizer(BaseQuantizer):
-    """Deep Spherical Quantization (DSQ): supervised additive codes on the sphere.
+    """Deep Spherical Quantization (DSQ): supervised additive codes.
 
-    A network maps each sample to a unit-norm embedding ``z`` (the output is
-    L2-normalised, removing the norm variance that hurts codebook learning),
-    and ``n_codebooks`` full-dimensional codebooks quantize it additively:
-    ``x_hat = sum_m C_m[b_m]``. Network, codebooks, codes and class centres
-    ``phi`` are learned jointly for
+    ``n_codebooks`` full-dimensional codebooks quantize a learned embedding
+    ``z`` additively: ``x_hat = sum_m C_m[b_m]``, and network and codebooks
+    are learned jointly.
+
+    With ``loss="dsq"`` (the paper, as the survey gives it) the network maps
+    each sample to a unit-norm embedding ``z`` (L2-normalised, removing the
+    norm variance that hurts codebook learning), and network, codebooks,
+    codes and class centres ``phi`` are learned jointly for
 
     ``CE(s * cos(z, w_y)) + lambda_1 ||z - x_hat||^2 + lambda_2 ||z - phi_y||^2
     + lambda_3 ||phi_y - x_hat||^2``
 
     (Luo et al.'s summary of the DSQ loss; weights ``lambda_1..3`` are
     ``quantization_weight``, ``center_weight``, ``discriminative_weight``).
+    With the default ``loss="posterior"`` the network ends in a classifier
+    trained with cross-entropy and the embedding is its class posterior at
+    ``temperature`` (per-label sigmoids for a 2-D ``y``) in a fixed
+    orthonormal basis; the objective is ``CE + lambda_1 ||z - x_hat||^2``
+    (see Notes).
     Search ranks the database by the inner product ``<z_q, x_hat>`` through
     an ``M x K`` lookup table per query; :meth:`kneighbors` reports
     ``1 - <z_q, x_hat>``. With ``sparsity=s`` every codeword keeps at most
@@ -118,7 +126,15 @@ class SphericalQuantizer(BaseQuantizer):
         ``lambda_3``, weight of ``||phi_y - x_hat||^2``: pulls training codes
         towards their class centre.
     softmax_scale : float, default=16.0
-        Scale ``s`` of the cosine softmax classifier.
+        Scale ``s`` of the cosine softmax classifier (``loss="dsq"``).
+    loss : {"posterior", "dsq"}, default="posterior"
+        ``"dsq"``: the DSQ objective above on a unit-norm embedding (DSQ
+        paper mode). ``"posterior"``: the embedding is the posterior of the
+        network's own classifier; ``center_weight`` and
+        ``discriminative_weight`` are then not used.
+    temperature : float, default=2.0
+        With ``loss="posterior"``: the embedding is the posterior of
+        ``logits / temperature`` (training sees the plain logits).
     warmup_epochs : int, default=5
         Epochs of classification-only training before the codebooks are
         first fitted (a value ``>= max_epochs`` gives the two-step baseline:
@@ -175,8 +191,10 @@ class SphericalQuantizer(BaseQuantizer):
     n_samples_fit_ : int
     module_ : torch.nn.Module
         The embedding network (on the CPU).
-    classifier_ : CosineClassifier
-        The softmax classifier used for training (on the CPU).
+    classifier_ : CosineClassifier or None
+        The cosine softmax classifier used for training with ``loss="dsq"``
+        (on the CPU); ``None`` with ``loss="posterior"``, whose classifier is
+        the head of ``module_``.
     device_ : torch.device
         Device used for training and for embedding.
     history_ : list of dict

@@ -8,6 +8,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from skquant._additive import encode_beam, quantization_error
+from skquant import ProductQuantizer
 from skquant._dsq import SphericalQuantizer
 from skquant.metrics import mean_average_precision
 
@@ -74,7 +75,11 @@ def test_fitted_attributes_and_embedding(digits, fitted):
     assert "quantization_error" in m.history_[-1]
     Z = m.transform(X[query])
     assert Z.dtype == np.float32 and Z.shape == (297, 64)
-    np.testing.assert_allclose(np.linalg.norm(Z, axis=1), 1.0, rtol=1e-5)
+    # The default embedding is a class posterior in an orthonormal basis:
+    # norm between 1/sqrt(L) (uniform) and 1 (one-hot).
+    norms = np.linalg.norm(Z, axis=1)
+    assert np.all((norms <= 1 + 1e-5) & (norms >= 10**-0.5 - 1e-5))
+    assert m.classifier_ is None
     # The joint training pulls z towards its codes: the quantization error
     # shrinks after the codebooks are first fitted.
     qe = [h["quantization_error"] for h in m.history_ if "quantization_error" in h]
@@ -227,3 +232,31 @@ def test_requires_y(digits):
     X, y, train, _, _ = digits
     with pytest.raises(ValueError, match="requires y"):
         SphericalQuantizer(**SMALL).fit(X[:50])
+
+
+@pytest.mark.parametrize("loss", ["posterior", "dsq"])
+def test_each_loss_beats_unsupervised_pq(digits, loss):
+    # Both objectives (the posterior default and the survey's DSQ objective)
+    # learn codes that beat PQ on the raw pixels.
+    X, y, train, query, rest = digits
+    params = dict(SMALL, loss=loss, n_codewords=16, embedding_dim=16,
+                  hidden_layer_sizes=(32,), max_epochs=8, warmup_epochs=2)
+    model = SphericalQuantizer(**params).fit(X[train[:600]], y[train[:600]])
+    model.index(X[rest], y[rest])
+    pq = ProductQuantizer(n_subspaces=2, n_codewords=16, random_state=0)
+    pq.fit(X[train[:600]]).index(X[rest], y[rest])
+    assert model.score(X[query], y[query]) > pq.score(X[query], y[query]) + 0.1
+    Z = model.transform(X[query])
+    if loss == "dsq":  # the paper's spherical embedding and its classifier
+        np.testing.assert_allclose(np.linalg.norm(Z, axis=1), 1.0, rtol=1e-5)
+        assert model.classifier_ is not None
+    else:
+        assert model.classifier_ is None
+
+
+@pytest.mark.parametrize("params, match", [({"loss": "arcface"}, "loss"),
+                                            ({"temperature": -1.0}, "temperature")])
+def test_invalid_loss_parameters(digits, params, match):
+    X, y, train, _, _ = digits
+    with pytest.raises(ValueError, match=match):
+        SphericalQuantizer(**dict(SMALL, **params)).fit(X[train[:50]], y[train[:50]])
