@@ -462,9 +462,18 @@ def run_method(data, method, bits, *, seed, device, params, train_y=None, label=
     del ranking
     from skquant.metrics import precision_at_k
 
-    dist, top = est.kneighbors(X[q], n_neighbors=2)
+    top = est.kneighbors(X[q], n_neighbors=2, return_distance=False)
     res["p_1"] = float(precision_at_k(y[q], y[db], top, 1))
-    res["tie_share_1"] = top_tie_share(dist)
+    # Ties from the AQD scores themselves (reported inner-product distances
+    # are clipped at 0, which would count false ties): float64 scores of the
+    # two best reconstructions; identical codes give identical scores.
+    Zq = est.transform(X[q]).astype(np.float64)
+    best = [est.decode(est.codes_[top[:, j]]).astype(np.float64) for j in (0, 1)]
+    if est._metric == "euclidean":
+        top2 = np.stack([((Zq - b) ** 2).sum(1) for b in best], axis=1)
+    else:
+        top2 = np.stack([(Zq * b).sum(1) for b in best], axis=1)
+    res["tie_share_1"] = top_tie_share(top2)
 
     if method in ("dqn", "dsq"):
         metric = est._metric

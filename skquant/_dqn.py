@@ -267,15 +267,51 @@ class DeepQuantizer(BaseQuantizer):
 
     Notes
     -----
-    Deviations from the paper, all for small tabular inputs and documented:
-    Adam instead of SGD with momentum; the codebooks are fit on eval-mode
-    embeddings recomputed before each refit (the authors' code uses the
-    dropout-on features stored during the previous epochs) and warm-started
-    instead of re-run from scratch; the default ``quantization_weight`` is
-    larger than the paper's 1e-4 because a small MLP's embedding is far less
-    constrained than a fine-tuned AlexNet's, and with 1e-4 the quantization
-    term has no visible effect. The embedding is searched by the paper's
-    Euclidean AQD; the authors' evaluation code ranks by inner product.
+    **Paper mode.** ``loss="cosine"`` is DQN's objective (pairwise cosine
+    loss on a tanh bottleneck plus the PQ loss) searched by the paper's
+    Euclidean AQD; ``loss="inner_product"`` is its DQN_ip ablation and
+    ``joint=False`` its two-step DQN_2+ ablation.
+    ``DeepQuantizer(loss="cosine", learning_rate=3e-3)`` gives back the
+    previous defaults exactly (``temperature`` is then unused).
+
+    **Defaults that depart from the paper**, with the reason and the measured
+    gain. Defaults were chosen on a validation split of the 5,000 training
+    images of ``benchmarks/bench_quality.py``'s Fashion-MNIST protocol (350
+    images per class to fit, 50 queries and 100 database items per class),
+    never on the queries; "test" numbers are that benchmark's (1,000 queries,
+    69,000 database items, 32 bits, seed 0):
+
+    - ``loss="posterior"`` with inner-product AQD instead of the pairwise
+      cosine loss with Euclidean AQD. Why: a classifier's class-probability
+      vectors ranked by inner product beat supervised hashing codes
+      (Sablayrolles et al., ICASSP 2017); for calibrated posteriors that
+      inner product is the probability that two items share their class,
+      and the codes approximate it directly. Gain, mAP@all: validation
+      0.751 -> 0.809; test 0.759 -> 0.804, P@1 0.712 -> 0.834. The
+      uncompressed classifier (same network, cross-entropy) scores 0.805 on
+      test: the codes match it, they do not beat it.
+    - ``temperature=2``: confident items have near one-hot posteriors that
+      all fall on the same codewords; softening them keeps more of their
+      order. Validation mAP@all (``learning_rate=3e-3``): 0.763 at 1, 0.793
+      at 2, 0.774 at 4.
+    - ``learning_rate=1e-3`` (3e-3 was tuned for the cosine loss):
+      validation mAP@all 0.793 -> 0.802 with the posterior loss.
+    - Inner-product AQD is also what the authors' evaluation code ranks by;
+      the paper's text uses Euclidean AQD, kept for the pairwise losses.
+
+    Known cost: posteriors of confident items are nearly identical, so ties
+    at rank 1 are more frequent (test: 99.5 % of queries, against 86 % with
+    the cosine loss); P@1 still rises, the tied items being of the query's
+    predicted class.
+
+    Other deviations, all for small tabular inputs: Adam instead of SGD
+    with momentum; the codebooks are fit on eval-mode embeddings recomputed
+    before each refit (the authors' code uses the dropout-on features stored
+    during the previous epochs) and warm-started instead of re-run from
+    scratch; the default ``quantization_weight`` is larger than the paper's
+    1e-4 because a small MLP's embedding is far less constrained than a
+    fine-tuned AlexNet's, and with 1e-4 the quantization term has no visible
+    effect.
 
     References
     ----------

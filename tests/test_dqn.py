@@ -112,7 +112,14 @@ def test_kneighbors_is_aqd_on_the_embedding(digits_split, digits_dqn, loss):
     ind_ref = np.argsort(d, axis=1, kind="stable")[:, :10]
     dist, ind = est.kneighbors(X[query[:20]], n_neighbors=10)
     assert_allclose(dist, np.take_along_axis(d, ind_ref, axis=1), rtol=1e-4, atol=1e-5)
-    assert_array_equal(ind, ind_ref)
+    if loss == "posterior":
+        # Posteriors of confident items are near-ties: float32 tables and
+        # this float64 reference may order them differently, never by more
+        # than rounding.
+        assert_allclose(np.take_along_axis(d, ind, axis=1),
+                        np.take_along_axis(d, ind_ref, axis=1), atol=1e-6)
+    else:
+        assert_array_equal(ind, ind_ref)
 
 
 def test_fitted_attributes(digits_dqn):
@@ -342,11 +349,13 @@ def test_each_loss_beats_unsupervised_pq(loss):
     # Every selectable objective (the posterior default and the paper's
     # pairwise losses) learns codes that beat PQ on the raw pixels.
     X, y = load_digits(return_X_y=True)
-    params = {**FAST, "loss": loss, "embedding_dim": 16, "hidden_layer_sizes": (32,),
-              "max_epochs": 8, "warmup_epochs": 2}
+    params = {**FAST, "loss": loss, "n_codewords": 32, "embedding_dim": 16,
+              "hidden_layer_sizes": (32,), "max_epochs": 15, "warmup_epochs": 3}
+    if loss != "posterior":
+        params["learning_rate"] = 3e-3  # the pairwise losses' previous default
     est = DeepQuantizer(**params).fit(X[:600], y[:600])
     est.index(X[600:1200], y[600:1200])
-    pq = ProductQuantizer(n_subspaces=2, n_codewords=8, random_state=0)
+    pq = ProductQuantizer(n_subspaces=2, n_codewords=32, random_state=0)
     pq.fit(X[:600]).index(X[600:1200], y[600:1200])
     assert est.score(X[1200:], y[1200:]) > pq.score(X[1200:], y[1200:]) + 0.1
     assert est.metric_ == ("inner_product" if loss == "posterior" else "euclidean")
