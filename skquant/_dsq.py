@@ -121,10 +121,11 @@ class SphericalQuantizer(BaseQuantizer):
     quantization_weight : float, default=0.1
         ``lambda_1``, weight of ``||z - x_hat||^2``.
     center_weight : float, default=0.01
-        ``lambda_2``, weight of the centre loss ``||z - phi_y||^2``.
+        ``lambda_2``, weight of the centre loss ``||z - phi_y||^2``
+        (``loss="dsq"`` only).
     discriminative_weight : float, default=0.1
         ``lambda_3``, weight of ``||phi_y - x_hat||^2``: pulls training codes
-        towards their class centre.
+        towards their class centre (``loss="dsq"`` only).
     softmax_scale : float, default=16.0
         Scale ``s`` of the cosine softmax classifier (``loss="dsq"``).
     loss : {"posterior", "dsq"}, default="posterior"
