@@ -239,8 +239,8 @@ class SphericalQuantizer(BaseQuantizer):
       0.758 -> 0.810; test 0.761 -> 0.804 (the uncompressed classifier of
       the same network: 0.805). Exact search on the posterior embedding
       scores 0.805 on test: the additive codes lose almost nothing.
-    - ``temperature=2``, as for :class:`DeepQuantizer` (chosen there):
-      near one-hot posteriors collapse onto the same codewords.
+    - ``temperature=2``: near one-hot posteriors collapse onto the same
+      codewords. Validation mAP@all 0.802 at 1, 0.810 at 2.
 
     Known cost: ties at rank 1 are frequent (test: 98.8 % of queries), since
     posteriors of confident items are nearly identical; P@1 is 0.827.
