@@ -58,13 +58,14 @@ _LOSSES = (*_SIMILARITY_LOSSES, "posterior")
 
 
 def build_posterior_network(X, labels, *, embedding_dim, seed, temperature=1.0,
-                            **network_params):
+                            tie_break=0.0, **network_params):
     """Embedding network whose output is its own classifier's posterior.
 
-    The linear head maps the backbone's features to one logit per class (or
-    label); the output layer turns them into the posterior written in a fixed
-    basis of ``R^embedding_dim`` (:class:`PosteriorEmbedding`). Shared by
-    both deep quantizers' ``loss="posterior"``.
+    The head (:class:`PosteriorEmbedding`) maps the backbone's features to
+    one logit per class (or label) and turns them into the posterior written
+    in a fixed basis of ``R^embedding_dim``, plus ``tie_break`` times a fixed
+    projection of the features. Shared by both deep quantizers'
+    ``loss="posterior"``.
 
     Parameters
     ----------
@@ -74,9 +75,9 @@ def build_posterior_network(X, labels, *, embedding_dim, seed, temperature=1.0,
         From :func:`prepare_labels`: int64 ``(n,)`` or float ``(n, L)``.
     embedding_dim : int
     seed : int
-        Seeds the basis.
-    temperature : float, default=1.0
-        Of the posterior used as embedding (:class:`PosteriorEmbedding`).
+        Seeds the basis and the projection.
+    temperature, tie_break : float
+        See :class:`PosteriorEmbedding`.
     **network_params
         ``backbone``, ``hidden_layer_sizes``, ``dropout``, ``input_shape`` of
         :func:`build_embedding_network`.
@@ -84,24 +85,30 @@ def build_posterior_network(X, labels, *, embedding_dim, seed, temperature=1.0,
     Returns
     -------
     network : EmbeddingNetwork
-        ``network.head`` gives the logits (see :func:`posterior_logits`).
+        Its ``head`` is the :class:`PosteriorEmbedding` (see
+        :func:`posterior_logits`).
     """
     multilabel = labels.ndim == 2
     n_outputs = labels.shape[1] if multilabel else int(labels.max()) + 1
     network = build_embedding_network(
         X, embedding_dim=n_outputs, output="identity", **network_params
     )
-    network.output = PosteriorEmbedding(
-        posterior_basis(n_outputs, embedding_dim, seed), multilabel=multilabel,
+    network.head = PosteriorEmbedding(
+        network.head.in_features,
+        posterior_basis(n_outputs, embedding_dim, seed),
+        multilabel=multilabel,
         temperature=temperature,
+        tie_break=tie_break,
+        seed=seed,
     )
     return network
 
 
 def posterior_logits(network, x):
     """``(logits, embedding)`` of a network from :func:`build_posterior_network`."""
-    logits = network.head(network.features(x))
-    return logits, network.output(logits)
+    h = network.features(x)
+    logits = network.head.logits(h)
+    return logits, network.head.embed(logits, h)
 
 
 class DeepQuantizer(BaseQuantizer):
@@ -175,6 +182,12 @@ class DeepQuantizer(BaseQuantizer):
         With ``loss="posterior"``: the embedding is the posterior of
         ``logits / temperature`` (training sees the plain logits). Ignored by
         the pairwise losses.
+    tie_break : float, default=0.1
+        With ``loss="posterior"``: weight of a unit vector added to the
+        posterior embedding, a fixed random projection of the backbone's
+        features onto the directions the posterior does not use. It orders
+        items whose posteriors are (nearly) equal, which would otherwise tie
+        at the top of the ranking; ``0`` gives the pure posterior.
     joint : bool, default=True
         Learn the codebooks jointly with the network (DQN). ``False`` learns
         the embedding with the similarity loss alone, then quantizes it with
@@ -302,10 +315,12 @@ class DeepQuantizer(BaseQuantizer):
     - Inner-product AQD is also what the authors' evaluation code ranks by;
       the paper's text uses Euclidean AQD, kept for the pairwise losses.
 
-    Known cost: posteriors of confident items are nearly identical, so ties
-    at rank 1 are more frequent (test: 99.5 % of queries, against 86 % with
-    the cosine loss); P@1 still rises, the tied items being of the query's
-    predicted class.
+    - ``tie_break=0.1``: posteriors of confident items are nearly
+      identical and fall on the same codes, so without it 99.4 % of
+      validation queries (99.5 % on test) have a tie at rank 1, broken by
+      database order. Validation: ties 0.99 -> 0.57, P@1 0.784 -> 0.848,
+      mAP@all 0.809 -> 0.806 (0.05: ties 0.83, P@1 0.786; 0.2: ties 0.63,
+      P@1 0.858, mAP@all 0.805).
 
     Other deviations, all for small tabular inputs: Adam instead of SGD
     with momentum; the codebooks are fit on eval-mode embeddings recomputed
@@ -351,6 +366,7 @@ class DeepQuantizer(BaseQuantizer):
         "loss": [StrOptions(set(_LOSSES))],
         "quantization_weight": [Interval(Real, 0, None, closed="left")],
         "temperature": [Interval(Real, 0, None, closed="neither")],
+        "tie_break": [Interval(Real, 0, None, closed="left")],
         "joint": ["boolean"],
         "codebook_update_period": [Interval(Integral, 1, None, closed="left")],
         "backbone_learning_rate": [None, Interval(Real, 0, None, closed="left")],
@@ -368,6 +384,7 @@ class DeepQuantizer(BaseQuantizer):
         loss="posterior",
         quantization_weight=0.01,
         temperature=2.0,
+        tie_break=0.1,
         joint=True,
         max_epochs=60,
         warmup_epochs=10,
@@ -394,6 +411,7 @@ class DeepQuantizer(BaseQuantizer):
         self.loss = loss
         self.quantization_weight = quantization_weight
         self.temperature = temperature
+        self.tie_break = tie_break
         self.joint = joint
         self.max_epochs = max_epochs
         self.warmup_epochs = warmup_epochs
@@ -455,7 +473,8 @@ class DeepQuantizer(BaseQuantizer):
             if posterior:
                 network = build_posterior_network(
                     X, labels_cpu, embedding_dim=self.embedding_dim, seed=seed,
-                    temperature=self.temperature, **network_params,
+                    temperature=self.temperature, tie_break=self.tie_break,
+                    **network_params,
                 ).to(device)
             else:
                 network = build_embedding_network(

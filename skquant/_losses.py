@@ -271,40 +271,70 @@ def posterior_basis(n_outputs, embedding_dim, seed=0):
 
 
 class PosteriorEmbedding(torch.nn.Module):
-    """Class posterior of a classifier, as an embedding.
+    """Classifier head whose output embedding is the class posterior.
 
-    ``z = p(x) @ basis`` with ``p`` the softmax of the logits (one class per
-    item) or the per-label sigmoids (multi-label). With orthonormal basis
-    rows, ``<z_q, z_x> = <p_q, p_x>``: for calibrated single-label posteriors
-    this is the probability that the two items share their class, i.e. the
-    ranking that maximises expected precision at every rank.
+    ``logits = W h + b`` for the backbone features ``h``; the embedding is
+    ``z = p @ basis + tie_break * u`` with ``p`` the softmax of
+    ``logits / temperature`` (per-label sigmoids when multi-label) and ``u``
+    a unit vector: a fixed random projection of ``h`` onto the directions
+    orthogonal to the basis rows. With orthonormal basis rows,
+    ``<z_q, z_x> = <p_q, p_x> + tie_break^2 <u_q, u_x>``: for calibrated
+    single-label posteriors the first term is the probability that the two
+    items share their class, i.e. the ranking that maximises expected
+    precision at every rank; the second, small term orders items whose
+    posteriors are (nearly) equal by the similarity of their features, so
+    that confident items of one class do not all tie.
 
     Parameters
     ----------
+    n_features : int
+        Width of the backbone features ``h``.
     basis : torch.Tensor of shape (n_outputs, embedding_dim)
         From :func:`posterior_basis`; stored as a buffer (saved and moved
         with the module, never trained).
-    multilabel : bool
+    multilabel : bool, default=False
         Sigmoid per label instead of softmax.
     temperature : float, default=1.0
-        The embedding is the posterior of ``logits / temperature`` (the
-        training loss always sees ``logits``). Above 1 it softens the
-        near one-hot posteriors of confident items, which otherwise collapse
-        onto the same codewords (ties at the top of the ranking).
+        The embedding uses the posterior of ``logits / temperature`` (the
+        training loss sees ``logits``). Above 1 it softens the near one-hot
+        posteriors of confident items, which otherwise collapse onto the same
+        codewords.
+    tie_break : float, default=0.0
+        Weight of the feature term ``u`` (0 when ``embedding_dim`` leaves no
+        direction orthogonal to the basis).
+    seed : int, default=0
+        Seeds the random projection of ``u`` (fixed, never trained).
 
     Examples
     --------
-    >>> head = PosteriorEmbedding(posterior_basis(2, 4), multilabel=False)
-    >>> z = head(torch.tensor([[0.0, 0.0]]))
-    >>> round(float(z.norm()), 4)  # (0.5, 0.5) has norm 1 / sqrt(2)
+    >>> head = PosteriorEmbedding(3, posterior_basis(2, 4))
+    >>> z = head(torch.zeros(1, 3))
+    >>> round(float(z.norm()), 4)  # p = (0.5, 0.5) has norm 1 / sqrt(2)
     0.7071
     """
 
-    def __init__(self, basis, multilabel=False, temperature=1.0):
+    def __init__(self, n_features, basis, multilabel=False, temperature=1.0,
+                 tie_break=0.0, seed=0):
         super().__init__()
-        self.register_buffer("basis", basis.to(torch.float32).clone())
+        basis = basis.to(torch.float32).clone()
+        self.classifier = torch.nn.Linear(int(n_features), basis.shape[0])
+        self.register_buffer("basis", basis)
+        gen = torch.Generator().manual_seed(int(seed) + 1)
+        G = torch.randn(int(n_features), basis.shape[1], generator=gen)
+        # Only directions the posterior does not use: <z_q, z_x> keeps the
+        # posterior term exactly (orthonormal basis rows).
+        self.register_buffer("projection", G - (G @ basis.T) @ basis)
         self.multilabel = bool(multilabel)
         self.temperature = float(temperature)
+        self.tie_break = float(tie_break)
+
+    @property
+    def in_features(self):
+        return self.classifier.in_features
+
+    def logits(self, h):
+        """Class (or label) logits of backbone features ``h``."""
+        return self.classifier(h)
 
     def probabilities(self, logits):
         """Softmax (or per-label sigmoid) of ``logits / temperature``."""
@@ -313,8 +343,17 @@ class PosteriorEmbedding(torch.nn.Module):
             return torch.sigmoid(logits)
         return torch.softmax(logits, dim=1)
 
-    def forward(self, logits):
-        return self.probabilities(logits) @ self.basis
+    def embed(self, logits, h):
+        """The embedding, given the logits of ``h`` (saves a second pass)."""
+        z = self.probabilities(logits) @ self.basis
+        if self.tie_break > 0:
+            u = h @ self.projection
+            u = u / (torch.linalg.vector_norm(u, dim=1, keepdim=True) + 1e-12)
+            z = z + self.tie_break * u
+        return z
+
+    def forward(self, h):
+        return self.embed(self.logits(h), h)
 
 
 def posterior_loss(logits, labels):

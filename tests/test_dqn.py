@@ -136,9 +136,15 @@ def test_fitted_attributes(digits_dqn):
     refits = [h for h in est.history_ if "quantization_error" in h]
     expected = len(range(est.warmup_epochs, est.max_epochs, est.codebook_update_period))
     assert len(refits) == expected
-    # A posterior in an orthonormal basis: norm at most 1, at least 1/sqrt(L).
-    norms = np.linalg.norm(est.transform(np.zeros((3, 64))), axis=1)
-    assert np.all((norms <= 1 + 1e-5) & (norms >= 10**-0.5 - 1e-5))
+    # A posterior in an orthonormal basis (norm in [1/sqrt(L), 1]) plus an
+    # orthogonal unit vector times tie_break.
+    norms = np.linalg.norm(est.transform(np.zeros((3, 64))), axis=1) ** 2
+    t2 = est.tie_break**2
+    assert np.all((norms <= 1 + t2 + 1e-5) & (norms >= 0.1 + t2 - 1e-5))
+    # The posterior part is the network's own classifier: the inner product
+    # of two embeddings is that of their posteriors plus tie_break^2 * cosine.
+    head = est.module_.head
+    assert_allclose(head.basis.numpy() @ head.projection.numpy().T, 0, atol=1e-5)
 
 
 def test_pickle_round_trip_identical_search(digits_split, digits_dqn):
@@ -251,6 +257,7 @@ def test_conv_backbone_with_input_shape_and_frozen_backbone():
         ({"hidden_layer_sizes": (0,)}, "ok", "positive ints"),
         ({"loss": "hinge"}, "ok", "loss"),
         ({"temperature": 0.0}, "ok", "temperature"),
+        ({"tie_break": -0.1}, "ok", "tie_break"),
     ],
 )
 def test_clear_errors(params, y_kind, match):
@@ -359,3 +366,18 @@ def test_each_loss_beats_unsupervised_pq(loss):
     pq.fit(X[:600]).index(X[600:1200], y[600:1200])
     assert est.score(X[1200:], y[1200:]) > pq.score(X[1200:], y[1200:]) + 0.1
     assert est.metric_ == ("inner_product" if loss == "posterior" else "euclidean")
+
+
+def test_tie_break_orders_equal_posteriors():
+    # Without the feature term, confident items share their codes and tie at
+    # rank 1 far more often.
+    X, y = load_digits(return_X_y=True)
+    params = {**FAST, "n_codewords": 32, "embedding_dim": 16,
+              "hidden_layer_sizes": (32,), "max_epochs": 15, "warmup_epochs": 3}
+    ties = []
+    for tie_break in (0.0, 0.1):
+        est = DeepQuantizer(**params, tie_break=tie_break).fit(X[:600], y[:600])
+        est.index(X[600:1200])
+        d, _ = est.kneighbors(X[1200:], n_neighbors=2)
+        ties.append(np.mean(d[:, 0] == d[:, 1]))
+    assert ties[1] < ties[0], ties

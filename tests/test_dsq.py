@@ -261,7 +261,8 @@ def test_each_loss_beats_unsupervised_pq(digits, loss):
 
 
 @pytest.mark.parametrize("params, match", [({"loss": "arcface"}, "loss"),
-                                            ({"temperature": -1.0}, "temperature")])
+                                            ({"temperature": -1.0}, "temperature"),
+                                            ({"tie_break": -1.0}, "tie_break")])
 def test_invalid_loss_parameters(digits, params, match):
     X, y, train, _, _ = digits
     with pytest.raises(ValueError, match=match):
