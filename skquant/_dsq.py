@@ -242,17 +242,19 @@ class SphericalQuantizer(BaseQuantizer):
       of the same network's posteriors (validation: 0.740 vs 0.801). The
       embedding is then not unit-norm (norm between ``1/sqrt(L)`` and 1);
       search is still the inner-product AQD. Gain, mAP@all: validation
-      0.758 -> 0.810; test 0.761 -> 0.804 (the uncompressed classifier of
-      the same network: 0.805). Exact search on the posterior embedding
-      scores 0.805 on test: the additive codes lose almost nothing.
+      0.758 -> 0.810; test 0.761 -> 0.803, P@1 0.834 (the uncompressed
+      classifier of the same network: 0.805, P@1 0.832). Exact search on
+      the posterior embedding scores 0.805 on test: the additive codes lose
+      almost nothing.
     - ``temperature=2``: near one-hot posteriors collapse onto the same
       codewords. Validation mAP@all 0.802 at 1, 0.810 at 2.
 
     - ``tie_break=0`` (0.1 in :class:`DeepQuantizer`): the additive codes
       already separate more of the confident items (validation: ties at
       rank 1 for 70 % of queries, P@1 0.854); 0.1 lowers ties to 51 % but
-      costs P@1 (0.782) and mAP@all (0.810 -> 0.806). On test 98.8 % of
-      queries have a tie at rank 1 (P@1 0.827).
+      costs P@1 (0.782) and mAP@all (0.810 -> 0.806). Known cost: on test
+      88 % of queries have a tie at rank 1, where the paper objective has
+      few (validation: 17 %).
 
     Only DSQ's abstract could be read; the ``loss="dsq"`` objective is the
     survey's summary and every other choice below is ours (``methods.md``
