@@ -308,8 +308,9 @@ class PosteriorEmbedding(torch.nn.Module):
     Examples
     --------
     >>> head = PosteriorEmbedding(3, posterior_basis(2, 4))
-    >>> z = head(torch.zeros(1, 3))
-    >>> round(float(z.norm()), 4)  # p = (0.5, 0.5) has norm 1 / sqrt(2)
+    >>> _ = torch.nn.init.zeros_(head.classifier.bias)
+    >>> z = head(torch.zeros(1, 3))  # equal logits: p = (0.5, 0.5)
+    >>> round(float(z.norm()), 4)  # 1 / sqrt(2)
     0.7071
     """
 
