@@ -43,6 +43,15 @@ def check_codebook_size(n_samples, n_features, n_subspaces, n_codewords):
             f"n_features={n_features} is not a multiple of it. Choose n_subspaces "
             f"among the divisors of {n_features}."
         )
+    check_n_codewords(n_samples, n_codewords)
+
+
+def check_n_codewords(n_samples, n_codewords):
+    """Raise a ValueError when there are fewer training samples than codewords.
+
+    Every codebook family (product and additive) starts from k-means, which
+    needs at least as many samples as clusters.
+    """
     if n_codewords > n_samples:
         raise ValueError(
             f"n_codewords={n_codewords} is larger than the number of training "

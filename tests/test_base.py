@@ -167,10 +167,13 @@ def test_multilabel_database_labels(digits):
     pq = ProductQuantizer(4, 16, random_state=0).fit(X, Y)
     assert pq.database_labels_.shape == (len(y), 3)
     assert 0 < pq.score(X[:30], Y[:30]) <= 1
+    # fit ignores a y that is no labels (as NearestNeighbors.fit); index()
+    # stores labels and checks them.
+    assert ProductQuantizer(4, 16).fit(X, np.full((len(y), 2), 3)).database_labels_ is None
     with pytest.raises(ValueError, match="indicator"):
-        ProductQuantizer(4, 16).fit(X, np.full((len(y), 2), 3))
+        pq.index(X, np.full((len(y), 2), 3))
     with pytest.raises(ValueError, match="must match"):
-        ProductQuantizer(4, 16).fit(X, y[:-1])
+        pq.index(X, y[:-1])
 
 
 def test_pickle_round_trip_is_exact(fitted, digits):

@@ -85,11 +85,14 @@ def test_product_quantizer_to_faiss(digits, n_codewords, rotation):
     )
 
 
-def test_deep_quantizer_to_faiss(digits):
+@pytest.mark.parametrize("loss", ["cosine", "posterior"])
+def test_deep_quantizer_to_faiss(digits, loss):
+    # The paper's loss is searched by Euclidean AQD, the posterior default by
+    # inner-product AQD: the exported IndexPQ uses the same metric.
     X, y = digits
     dqn = DeepQuantizer(
         n_subspaces=2, n_codewords=16, embedding_dim=16, hidden_layer_sizes=(32,),
-        max_epochs=3, warmup_epochs=1, device="cpu", random_state=0,
+        max_epochs=3, warmup_epochs=1, device="cpu", random_state=0, loss=loss,
     ).fit(X[:1000], y[:1000])
     index = dqn.to_faiss()
     assert isinstance(index, faiss.IndexPQ) and index.d == 16
@@ -99,10 +102,23 @@ def test_deep_quantizer_to_faiss(digits):
 
     database = dqn.decode(dqn.codes_).astype(np.float64)
 
-    def distances(_, items):
-        return np.sqrt(((Z.astype(np.float64)[:, None] - database[items]) ** 2).sum(-1))
+    if loss == "cosine":
+        assert index.metric_type == faiss.METRIC_L2
 
-    _assert_same_neighbors(dqn, queries, np.sqrt(np.maximum(dist_f, 0)), ind_f, distances)
+        def distances(_, items):
+            diff = Z.astype(np.float64)[:, None] - database[items]
+            return np.sqrt((diff**2).sum(-1))
+
+        faiss_dist = np.sqrt(np.maximum(dist_f, 0))
+    else:
+        assert index.metric_type == faiss.METRIC_INNER_PRODUCT
+
+        def distances(_, items):
+            ip = (Z.astype(np.float64)[:, None] * database[items]).sum(-1)
+            return np.maximum(1.0 - ip, 0.0)
+
+        faiss_dist = np.maximum(1.0 - dist_f, 0.0)
+    _assert_same_neighbors(dqn, queries, faiss_dist, ind_f, distances)
 
 
 def test_spherical_quantizer_to_faiss(digits):

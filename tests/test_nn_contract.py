@@ -100,3 +100,29 @@ def test_verbose_reports_progress_of_long_encodes_and_rankings(capsys):
         assert "ranked the database for 200/200 items" in out
     pq.set_params(verbose=0).index(X, y)
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("name", ["DQN", "DSQ"])
+def test_deep_estimators_never_densify_sparse_data_whole(name, monkeypatch):
+    # A TF-IDF-like matrix: every densification is of one mini-batch or one
+    # bounded inference batch, never of the whole training set.
+    from skquant import DeepQuantizer, SphericalQuantizer
+
+    rng = np.random.RandomState(0)
+    n, d = 600, 3000
+    y = rng.randint(0, 3, n)
+    X = sp.random(n, d, density=0.01, format="csr", random_state=0)
+    X = X + sp.csr_matrix((np.ones(n), (np.arange(n), y)), shape=(n, d))  # signal
+    densified = []
+    original = sp.csr_matrix.toarray
+
+    def recording_toarray(self, *args, **kwargs):
+        densified.append(self.shape[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(sp.csr_matrix, "toarray", recording_toarray)
+    cls = DeepQuantizer if name == "DQN" else SphericalQuantizer
+    est = cls(n_codewords=16, max_epochs=3, batch_size=32, random_state=0,
+              device="cpu").fit(X, y)
+    assert densified and max(densified) <= 256 < n
+    assert est.score(X[:60], y[:60]) > 0.5

@@ -97,20 +97,14 @@ def test_non_finite_loss_stops_with_learning_rate_hint(name, factor, fail_at, da
 def test_infinite_loss_value(name, data, monkeypatch):
     # A loss that overflows to +inf (not NaN) is refused the same way.
     X, y = data
-    if name == "DQN":
-        from skquant._deep import _dqn
+    # Both default to loss="posterior", whose cross-entropy each module imports.
+    from skquant._deep import _dqn, _dsq
 
-        original = _dqn._SIMILARITY_LOSSES["cosine"]
-        monkeypatch.setitem(
-            _dqn._SIMILARITY_LOSSES, "cosine", lambda z, s: original(z, s) * float("inf")
-        )
-    else:
-        from skquant._deep import _dsq
-
-        original = _dsq.softmax_loss
-        monkeypatch.setattr(
-            _dsq, "softmax_loss", lambda *a, **k: original(*a, **k) * float("inf")
-        )
+    module = _dqn if name == "DQN" else _dsq
+    original = module.posterior_loss
+    monkeypatch.setattr(
+        module, "posterior_loss", lambda *a, **k: original(*a, **k) * float("inf")
+    )
     with pytest.raises(FloatingPointError, match=r"loss became inf .*smaller learning_rate"):
         FACTORIES[name]().fit(X, y)
 

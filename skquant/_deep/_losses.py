@@ -13,6 +13,9 @@ Conventions
 - Pairwise losses are **means over all b x b entries** (the diagonal included),
   as in the authors' DQN code; the weight of the quantization term is relative
   to these means (see ``methods.md`` section 1.3).
+- :class:`PosteriorEmbedding` (a module without trained parameters) and
+  :func:`posterior_loss` serve the classification-style objective
+  (``loss="posterior"``) of both deep quantizers.
 """
 
 import torch
@@ -24,6 +27,9 @@ __all__ = [
     "mean_squared_distance",
     "product_quantization_loss",
     "product_reconstruction",
+    "posterior_basis",
+    "PosteriorEmbedding",
+    "posterior_loss",
 ]
 
 
@@ -220,3 +226,164 @@ def mean_squared_distance(A, B, mask=None):
             return sq.sum() * 0.0
         sq = sq[mask]
     return sq.mean()
+
+
+# --------------------------------------------------------------------------- #
+# Posterior embedding (classification-style objective)
+# --------------------------------------------------------------------------- #
+def posterior_basis(n_outputs, embedding_dim, seed=0):
+    """Fixed ``(n_outputs, embedding_dim)`` basis the posterior is written in.
+
+    Rows are orthonormal when ``embedding_dim >= n_outputs`` (QR of a seeded
+    Gaussian matrix), so inner products and distances between embeddings
+    equal those between posterior vectors exactly. With more outputs than
+    dimensions the rows are random unit vectors (a Johnson-Lindenstrauss
+    projection: inner products are approximated). A random rotation rather
+    than zero padding spreads the posterior over every sub-space of a product
+    quantizer instead of leaving most of them constant.
+
+    Parameters
+    ----------
+    n_outputs : int
+        Number of classes (or labels).
+    embedding_dim : int
+    seed : int, default=0
+
+    Returns
+    -------
+    basis : torch.Tensor of shape (n_outputs, embedding_dim), float32
+
+    Examples
+    --------
+    >>> B = posterior_basis(3, 5)
+    >>> bool(torch.allclose(B @ B.T, torch.eye(3), atol=1e-5))
+    True
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    G = torch.randn(int(embedding_dim), int(n_outputs), generator=gen,
+                    dtype=torch.float64)
+    if embedding_dim >= n_outputs:
+        Q, _ = torch.linalg.qr(G)
+        return Q.T.contiguous().to(torch.float32)
+    return (G / torch.linalg.vector_norm(G, dim=0, keepdim=True)).T.contiguous().to(
+        torch.float32
+    )
+
+
+class PosteriorEmbedding(torch.nn.Module):
+    """Classifier head whose output embedding is the class posterior.
+
+    ``logits = W h + b`` for the backbone features ``h``; the embedding is
+    ``z = p @ basis + tie_break * u`` with ``p`` the softmax of
+    ``logits / temperature`` (per-label sigmoids when multi-label) and ``u``
+    a unit vector: a fixed random projection of ``h`` onto the directions
+    orthogonal to the basis rows. With orthonormal basis rows,
+    ``<z_q, z_x> = <p_q, p_x> + tie_break^2 <u_q, u_x>``: for calibrated
+    single-label posteriors the first term is the probability that the two
+    items share their class, i.e. the ranking that maximises expected
+    precision at every rank; the second, small term orders items whose
+    posteriors are (nearly) equal by the similarity of their features, so
+    that confident items of one class do not all tie.
+
+    Parameters
+    ----------
+    n_features : int
+        Width of the backbone features ``h``.
+    basis : torch.Tensor of shape (n_outputs, embedding_dim)
+        From :func:`posterior_basis`; stored as a buffer (saved and moved
+        with the module, never trained).
+    multilabel : bool, default=False
+        Sigmoid per label instead of softmax.
+    temperature : float, default=1.0
+        The embedding uses the posterior of ``logits / temperature`` (the
+        training loss sees ``logits``). Above 1 it softens the near one-hot
+        posteriors of confident items, which otherwise collapse onto the same
+        codewords.
+    tie_break : float, default=0.0
+        Weight of the feature term ``u`` (0 when ``embedding_dim`` leaves no
+        direction orthogonal to the basis).
+    seed : int, default=0
+        Seeds the random projection of ``u`` (fixed, never trained).
+
+    Examples
+    --------
+    >>> head = PosteriorEmbedding(3, posterior_basis(2, 4))
+    >>> _ = torch.nn.init.zeros_(head.classifier.bias)
+    >>> z = head(torch.zeros(1, 3))  # equal logits: p = (0.5, 0.5)
+    >>> round(float(z.norm()), 4)  # 1 / sqrt(2)
+    0.7071
+    """
+
+    def __init__(self, n_features, basis, multilabel=False, temperature=1.0,
+                 tie_break=0.0, seed=0):
+        super().__init__()
+        basis = basis.to(torch.float32).clone()
+        self.classifier = torch.nn.Linear(int(n_features), basis.shape[0])
+        self.register_buffer("basis", basis)
+        gen = torch.Generator().manual_seed(int(seed) + 1)
+        G = torch.randn(int(n_features), basis.shape[1], generator=gen)
+        # Only directions the posterior does not use: <z_q, z_x> keeps the
+        # posterior term exactly (orthonormal basis rows).
+        self.register_buffer("projection", G - (G @ basis.T) @ basis)
+        self.multilabel = bool(multilabel)
+        self.temperature = float(temperature)
+        self.tie_break = float(tie_break)
+
+    @property
+    def in_features(self):
+        return self.classifier.in_features
+
+    def logits(self, h):
+        """Class (or label) logits of backbone features ``h``."""
+        return self.classifier(h)
+
+    def probabilities(self, logits):
+        """Softmax (or per-label sigmoid) of ``logits / temperature``."""
+        logits = logits / self.temperature
+        if self.multilabel:
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=1)
+
+    def embed(self, logits, h):
+        """The embedding, given the logits of ``h`` (saves a second pass)."""
+        z = self.probabilities(logits) @ self.basis
+        if self.tie_break > 0:
+            u = h @ self.projection
+            u = u / (torch.linalg.vector_norm(u, dim=1, keepdim=True) + 1e-12)
+            z = z + self.tie_break * u
+        return z
+
+    def forward(self, h):
+        return self.embed(self.logits(h), h)
+
+
+def posterior_loss(logits, labels):
+    """Cross-entropy of the classifier behind :class:`PosteriorEmbedding`.
+
+    1-D ``labels``: softmax cross-entropy. 2-D 0/1 indicator ``labels``:
+    binary cross-entropy of each label's sigmoid, averaged over labels and
+    rows (items without any label still teach the network that they have
+    none).
+
+    Parameters
+    ----------
+    logits : torch.Tensor of shape (b, L)
+    labels : torch.Tensor of shape (b,) int64 or (b, L) float
+
+    Returns
+    -------
+    loss : torch.Tensor, scalar
+
+    Examples
+    --------
+    >>> logits = torch.zeros(2, 2)
+    >>> round(float(posterior_loss(logits, torch.tensor([0, 1]))), 4)
+    0.6931
+    >>> round(float(posterior_loss(logits, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))), 4)
+    0.6931
+    """
+    if labels.ndim == 1:
+        return torch.nn.functional.cross_entropy(logits, labels.long())
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, labels.to(logits.dtype)
+    )
