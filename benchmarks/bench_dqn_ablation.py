@@ -34,7 +34,7 @@ from sklearn.datasets import load_digits
 from skquant import DeepQuantizer, ProductQuantizer
 from skquant.metrics import mean_average_precision
 
-# bits -> (n_subspaces, n_codewords); 12 bits cannot use K = 256.
+# bits -> (n_codebooks, n_codewords); 12 bits cannot use K = 256.
 CODES = {8: (2, 16), 12: (2, 64), 16: (2, 256), 24: (3, 256), 32: (4, 256)}
 
 METHODS = {
@@ -66,12 +66,12 @@ def run_one(method, bits, seed, X, y):
     kind = params.pop("kind")
     if kind == "dqn":
         est = DeepQuantizer(
-            n_subspaces=M, n_codewords=K, device="cpu", random_state=seed, **params
+            n_codebooks=M, n_codewords=K, device="cpu", random_state=seed, **params
         )
     else:
         # 64 pixels: the sub-space count must divide 64.
         est = ProductQuantizer(
-            n_subspaces=M if 64 % M == 0 else 4, n_codewords=K,
+            n_codebooks=M if 64 % M == 0 else 4, n_codewords=K,
             random_state=seed, **params,
         )
     tic = time.perf_counter()

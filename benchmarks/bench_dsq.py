@@ -184,7 +184,7 @@ def main():
                     M,
                     256,
                     embedding_dim=64,
-                    max_epochs=max(epochs, 20),
+                    max_iter=max(epochs, 20),
                     warmup_epochs=min(10, epochs // 4),
                     device="cpu",
                     random_state=args.seed,
@@ -193,7 +193,7 @@ def main():
             add("DQN", bits, "", m, "euclidean", t)
         m, t = fit(
             SphericalQuantizer(
-                M, 256, max_epochs=epochs, device="cpu", random_state=args.seed
+                M, 256, max_iter=epochs, device="cpu", random_state=args.seed
             )
         )
         add(
@@ -212,7 +212,7 @@ def main():
                 4,
                 256,
                 sparsity=s,
-                max_epochs=epochs,
+                max_iter=epochs,
                 device="cpu",
                 random_state=args.seed,
             )

@@ -7,7 +7,7 @@ extra memory is the output codes plus at most ``working_memory``.
 
 Protocol
 --------
-1. ``ProductQuantizer(n_subspaces=8, n_codewords=256)`` is fitted on 20,000
+1. ``ProductQuantizer(n_codebooks=8, n_codewords=256)`` is fitted on 20,000
    vectors of dimension 32 (a Gaussian mixture, float32).
 2. The 10M x 32 float32 database (1.28 GB) is generated chunk by chunk into a
    ``np.memmap`` file in ``/tmp`` (never held in memory), then encoded with
@@ -257,7 +257,7 @@ def main():
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared), Python "
         f"{platform.python_version()}, numpy {np.__version__}, scikit-learn "
-        f"{sklearn.__version__}. ProductQuantizer(n_subspaces={M}, n_codewords={K}) "
+        f"{sklearn.__version__}. ProductQuantizer(n_codebooks={M}, n_codewords={K}) "
         f"fitted on 20,000 x {D} vectors in {fit_seconds:.1f} s.",
         "",
         "Peak extra = `VmHWM` after the phase minus `VmRSS` before it (the peak is "

@@ -55,7 +55,7 @@ Usage::
     python benchmarks/bench_quality.py                       # everything
     python benchmarks/bench_quality.py --datasets yeast --multilabel
     python benchmarks/bench_quality.py --datasets fashion_mnist --methods dqn \\
-        --bits 32 --params "dqn:max_epochs=100,learning_rate=3e-3" --tag tuned
+        --bits 32 --params "dqn:max_iter=100,learning_rate=3e-3" --tag tuned
     python benchmarks/bench_quality.py --report-only         # re-render md/png
 
 Timings use ``--threads`` threads (torch and BLAS/OpenMP, default 2).
@@ -96,7 +96,7 @@ LABELS = {
 # inner product of its class-probability vectors (per-label sigmoids for
 # multi-label y), in float, uncompressed. Same schedule as DeepQuantizer's
 # defaults (Adam, batch 128, 60 epochs).
-CLASSIFIER = {"max_epochs": 60, "learning_rate": 1e-3, "batch_size": 128,
+CLASSIFIER = {"max_iter": 60, "learning_rate": 1e-3, "batch_size": 128,
               "weight_decay": 0.0}
 
 
@@ -190,7 +190,7 @@ def make_estimator(method, bits, *, seed, device, params):
     n_books = bits // 8  # 256 codewords = 8 bits per codebook
     if method in ("pq", "opq"):
         return skquant.ProductQuantizer(
-            n_subspaces=n_books,
+            n_codebooks=n_books,
             n_codewords=N_CODEWORDS,
             rotation=method == "opq",
             random_state=seed,
@@ -198,7 +198,7 @@ def make_estimator(method, bits, *, seed, device, params):
         )
     if method == "dqn":
         return skquant.DeepQuantizer(
-            n_subspaces=n_books,
+            n_codebooks=n_books,
             n_codewords=N_CODEWORDS,
             device=device,
             random_state=seed,
@@ -226,7 +226,7 @@ def get_spherical_quantizer():
 
 
 def parse_params(specs):
-    """``["dqn:max_epochs=100,learning_rate=3e-3", ...]`` -> {method: {..}}."""
+    """``["dqn:max_iter=100,learning_rate=3e-3", ...]`` -> {method: {..}}."""
     out = {}
     for spec in specs or []:
         method, _, body = spec.partition(":")
@@ -374,7 +374,7 @@ def fit_classifier(X, y, *, seed, device, params):
         )
         gen = make_generator(seed)
         lab = labels.to(device)
-        for _ in range(cfg["max_epochs"]):
+        for _ in range(cfg["max_iter"]):
             net.train()
             for idx in iter_minibatches(len(X32), cfg["batch_size"], gen):
                 logits = net(Xt[idx].to(device))
@@ -432,7 +432,7 @@ def run_classifier(data, *, seed, device, params, label=None):
         encode_s=encode_s,
         query_ms=query_ms,
         params={k_: repr(v) for k_, v in params.items()},
-        n_iter=CLASSIFIER["max_epochs"],
+        n_iter=CLASSIFIER["max_iter"],
         timing_note="full ranking incl. sort",
     )
     return res
@@ -801,7 +801,7 @@ def main(argv=None):
         "--params",
         action="append",
         default=[],
-        help='overrides, e.g. "dqn:max_epochs=100,learning_rate=3e-3"',
+        help='overrides, e.g. "dqn:max_iter=100,learning_rate=3e-3"',
     )
     parser.add_argument(
         "--tag", default="", help="name of a variant (kept apart from the default rows)"

@@ -322,7 +322,7 @@ def non_exhaustive(args, mixture, out):
     t_data = time.perf_counter() - t0
     print(f"10M data, codes, faiss IVFPQ and ground truth in {t_data:.0f} s", flush=True)
 
-    pq = ProductQuantizer(n_subspaces=M, n_jobs=threads, n_lists=args.n_lists)
+    pq = ProductQuantizer(n_codebooks=M, n_jobs=threads, n_lists=args.n_lists)
     from faiss.contrib.inspect_tools import get_pq_centroids
 
     pq.quantizer_ = ProductCodebooks(
@@ -330,7 +330,7 @@ def non_exhaustive(args, mixture, out):
     )
     pq.n_features_in_ = DIM
     pq._set_index(codes, None)
-    exhaustive = ProductQuantizer(n_subspaces=M, n_jobs=threads)
+    exhaustive = ProductQuantizer(n_codebooks=M, n_jobs=threads)
     exhaustive.set_params()
     exhaustive.quantizer_ = pq.quantizer_
     exhaustive.n_features_in_ = DIM

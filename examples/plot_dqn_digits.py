@@ -42,10 +42,10 @@ train, query, database = perm[:1000], perm[1000:1297], perm[1297:]
 # model standardises the pixels itself and trains on the CPU here (``"auto"``
 # would use a GPU when one is available).
 models = {
-    "DQN": DeepQuantizer(n_subspaces=4, n_codewords=256, random_state=0),
-    "PQ (pixels)": ProductQuantizer(n_subspaces=4, n_codewords=256, random_state=0),
+    "DQN": DeepQuantizer(n_codebooks=4, n_codewords=256, random_state=0),
+    "PQ (pixels)": ProductQuantizer(n_codebooks=4, n_codewords=256, random_state=0),
     "OPQ (pixels)": ProductQuantizer(
-        n_subspaces=4, n_codewords=256, rotation=True, random_state=0
+        n_codebooks=4, n_codewords=256, rotation=True, random_state=0
     ),
 }
 for name, model in models.items():

@@ -51,7 +51,7 @@ def median_ms(fn, repeat=20):
 
 for s in sparsities:
     model = SphericalQuantizer(
-        n_codebooks=4, n_codewords=256, sparsity=s, max_epochs=30, random_state=0
+        n_codebooks=4, n_codewords=256, sparsity=s, max_iter=30, random_state=0
     ).fit(X[train], y[train])
     model.index(X[database], y[database])
     ranking = model.kneighbors(

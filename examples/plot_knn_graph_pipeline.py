@@ -44,7 +44,7 @@ train, test = order[:1297], order[1297:]
 
 # 32-bit codes: 8 sub-spaces of 16 codewords (4 bits each).
 dqn = DeepQuantizer(
-    n_subspaces=8, n_codewords=16, embedding_dim=32, max_epochs=30, random_state=0
+    n_codebooks=8, n_codewords=16, embedding_dim=32, max_iter=30, random_state=0
 )
 
 # %%

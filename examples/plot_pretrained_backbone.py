@@ -117,9 +117,9 @@ mean, std = float(X[train].mean()), float(X[train].std())
 # %%
 # Three quantizers with 32-bit codes
 # ----------------------------------
-# ``n_subspaces=8`` codebooks of 16 codewords (4 bits each): small codebooks
+# ``n_codebooks=8`` codebooks of 16 codewords (4 bits each): small codebooks
 # suit the 400 training images (each codeword needs training points).
-common = dict(n_subspaces=8, n_codewords=16, embedding_dim=64, random_state=0)
+common = dict(n_codebooks=8, n_codewords=16, embedding_dim=64, random_state=0)
 models = {
     "MLP on pixels": DeepQuantizer(**common),
     "EfficientNet-Lite0, frozen": DeepQuantizer(
@@ -127,7 +127,7 @@ models = {
         input_shape=(1, side, side),
         learning_rate=1e-2,
         backbone_learning_rate=0.0,
-        max_epochs=15,
+        max_iter=15,
         warmup_epochs=5,
         batch_size=32,
         **common,
@@ -137,7 +137,7 @@ models = {
         input_shape=(1, side, side),
         learning_rate=3e-3,
         backbone_learning_rate=3e-4,
-        max_epochs=6,
+        max_iter=6,
         warmup_epochs=2,
         batch_size=32,
         **common,

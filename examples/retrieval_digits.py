@@ -33,14 +33,14 @@ query, train, database = retrieval_split(
 
 # 32-bit codes: 4 codebooks of 256 codewords (4 bytes per database item).
 candidates = {
-    "PQ": skquant.ProductQuantizer(n_subspaces=4, n_codewords=256, random_state=0),
+    "PQ": skquant.ProductQuantizer(n_codebooks=4, n_codewords=256, random_state=0),
     "OPQ": skquant.ProductQuantizer(
-        n_subspaces=4, n_codewords=256, rotation=True, random_state=0
+        n_codebooks=4, n_codewords=256, rotation=True, random_state=0
     ),
 }
 if hasattr(skquant, "DeepQuantizer"):
     candidates["DQN"] = skquant.DeepQuantizer(
-        n_subspaces=4, n_codewords=256, random_state=0
+        n_codebooks=4, n_codewords=256, random_state=0
     )
 if hasattr(skquant, "SphericalQuantizer"):
     candidates["DSQ"] = skquant.SphericalQuantizer(

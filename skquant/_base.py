@@ -10,6 +10,7 @@ exactly the semantics of :class:`sklearn.neighbors.NearestNeighbors`, and
 documented on :class:`BaseQuantizer`.
 """
 
+import inspect
 import numbers
 from numbers import Integral
 
@@ -104,6 +105,10 @@ class BaseQuantizer(
     ``database_labels_``, ``n_samples_fit_``, ``coarse_centroids_``) read
     through to these two objects.
     """
+
+    # Values of parameters added after a pickle was written that describe
+    # what the pickled model did (see __setstate__); defaults otherwise.
+    _legacy_parameter_values = {}
 
     _parameter_constraints = {
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
@@ -533,6 +538,19 @@ class BaseQuantizer(
 
     def __setstate__(self, state):
         super().__setstate__(state)  # checksum and version checks
+        # Parameters renamed to one vocabulary across the estimators.
+        for old, new in _RENAMED_PARAMETERS.items():
+            if old in self.__dict__ and new not in self.__dict__:
+                self.__dict__[new] = self.__dict__.pop(old)
+        # Parameters added since the pickle was written: the value that
+        # describes the pickled model (e.g. the objective it was trained
+        # with), else the constructor's default, so get_params/clone work.
+        defaults = inspect.signature(type(self).__init__).parameters
+        for name in self._get_param_names():
+            if name not in self.__dict__:
+                self.__dict__[name] = self._legacy_parameter_values.get(
+                    name, defaults[name].default
+                )
         if "codes_" in self.__dict__:
             _upgrade_legacy_state(self.__dict__)
 
@@ -543,6 +561,12 @@ class BaseQuantizer(
         # scipy sparse X is accepted everywhere, densified in bounded chunks.
         tags.input_tags.sparse = True
         return tags
+
+
+# Old parameter names -> today's, for pickles written before the renaming
+# (n_subspaces of ProductQuantizer/DeepQuantizer, max_epochs of the deep
+# estimators; ProductQuantizer's k-means max_iter kept its name).
+_RENAMED_PARAMETERS = {"n_subspaces": "n_codebooks", "max_epochs": "max_iter"}
 
 
 def _upgrade_legacy_state(state):

@@ -122,7 +122,7 @@ def warn_if_collapsed(estimator, codes, y):
     warnings.warn(
         f"{type(estimator).__name__}: training did not converge to a useful "
         f"model: {'; '.join(reasons)}. Try a smaller learning_rate (it is "
-        f"{estimator.learning_rate:g}), more max_epochs, or check that y "
+        f"{estimator.learning_rate:g}), more max_iter, or check that y "
         "separates the items.",
         ConvergenceWarning,
         # warn_if_collapsed <- fit <- sklearn's _fit_context <- the caller

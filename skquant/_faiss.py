@@ -269,7 +269,7 @@ def from_faiss(cls, index):
     codes = codes.astype(np.uint8 if n_bits <= 8 else np.uint16)
 
     estimator = cls(
-        n_subspaces=n_codebooks, n_codewords=2**n_bits, rotation=rotation is not None
+        n_codebooks=n_codebooks, n_codewords=2**n_bits, rotation=rotation is not None
     )
     estimator.quantizer_ = ProductCodebooks(codebooks, rotation)
     estimator.n_iter_ = 0

@@ -19,17 +19,19 @@ from ._rows import dense_rows
 class ProductQuantizer(BaseQuantizer):
     """Product quantization (PQ) index, with an optional OPQ rotation.
 
-    Splits each vector into ``n_subspaces`` contiguous blocks and quantizes each
+    Splits each vector into ``n_codebooks`` contiguous blocks and quantizes each
     block with its own k-means codebook of ``n_codewords`` codewords, so a vector
-    is stored in ``n_subspaces`` bytes (``n_subspaces * log2(n_codewords)``
+    is stored in ``n_codebooks`` bytes (``n_codebooks * log2(n_codewords)``
     bits). Search ranks the database by the asymmetric quantizer distance (AQD):
     exact query, quantized database. Unsupervised: ``y`` is only stored as the
     database labels used by :meth:`score`.
 
     Parameters
     ----------
-    n_subspaces : int, default=8
+    n_codebooks : int, default=4
         Number of sub-spaces (codebooks) ``M``; must divide ``n_features``.
+        With the default 256 codewords, 4 codebooks make 32-bit codes, the
+        deep quantizers' default too.
     n_codewords : int, default=256
         Codewords per codebook ``K``; at most the number of training samples.
     rotation : bool, default=False
@@ -37,7 +39,8 @@ class ProductQuantizer(BaseQuantizer):
     n_rotation_iter : int, default=10
         OPQ alternations between k-means and the Procrustes rotation.
     max_iter : int, default=100
-        Lloyd iterations of each sub-space k-means.
+        Lloyd iterations of each sub-space k-means (the deep quantizers'
+        ``max_iter`` counts training epochs, as ``MLPClassifier``'s does).
     n_neighbors : int, default=5
         Default number of neighbors for :meth:`kneighbors`.
     n_jobs : int, default=None
@@ -63,7 +66,7 @@ class ProductQuantizer(BaseQuantizer):
 
     Attributes
     ----------
-    codebooks_ : ndarray of shape (n_subspaces, n_codewords, n_features // n_subspaces)
+    codebooks_ : ndarray of shape (n_codebooks, n_codewords, n_features // n_codebooks)
         The sub-space codebooks (float32), in faiss/nanopq layout.
     rotation_ : ndarray of shape (n_features, n_features) or None
         OPQ rotation; vectors are quantized as ``X @ rotation_``.
@@ -74,7 +77,7 @@ class ProductQuantizer(BaseQuantizer):
         The searchable database: codes, labels, scan layouts, inverted file.
         ``codes_``, ``database_labels_``, ``n_samples_fit_`` and
         ``coarse_centroids_`` read through to it.
-    codes_ : ndarray of shape (n_samples_fit, n_subspaces)
+    codes_ : ndarray of shape (n_samples_fit, n_codebooks)
         Codes of the indexed database (uint8 when ``n_codewords <= 256``).
     database_labels_ : ndarray or None
         Labels of the indexed items (for :meth:`score`).
@@ -107,7 +110,7 @@ class ProductQuantizer(BaseQuantizer):
     >>> from sklearn.datasets import load_digits
     >>> from skquant import ProductQuantizer
     >>> X, y = load_digits(return_X_y=True)
-    >>> pq = ProductQuantizer(n_subspaces=4, n_codewords=16, random_state=0).fit(X, y)
+    >>> pq = ProductQuantizer(n_codebooks=4, n_codewords=16, random_state=0).fit(X, y)
     >>> pq.encode(X[:2]).shape
     (2, 4)
     >>> dist, ind = pq.kneighbors(X[:1], n_neighbors=3)
@@ -117,7 +120,7 @@ class ProductQuantizer(BaseQuantizer):
 
     _parameter_constraints = {
         **BaseQuantizer._parameter_constraints,
-        "n_subspaces": [Interval(Integral, 1, None, closed="left")],
+        "n_codebooks": [Interval(Integral, 1, None, closed="left")],
         "n_codewords": [Interval(Integral, 1, 2**16, closed="both")],
         "rotation": ["boolean"],
         "n_rotation_iter": [Interval(Integral, 1, None, closed="left")],
@@ -128,7 +131,7 @@ class ProductQuantizer(BaseQuantizer):
 
     def __init__(
         self,
-        n_subspaces=8,
+        n_codebooks=4,
         n_codewords=256,
         *,
         rotation=False,
@@ -141,7 +144,7 @@ class ProductQuantizer(BaseQuantizer):
         random_state=None,
         verbose=0,
     ):
-        self.n_subspaces = n_subspaces
+        self.n_codebooks = n_codebooks
         self.n_codewords = n_codewords
         self.rotation = rotation
         self.n_rotation_iter = n_rotation_iter
@@ -155,10 +158,10 @@ class ProductQuantizer(BaseQuantizer):
 
     def _fit(self, X, y):
         n_samples, n_features = X.shape
-        check_codebook_size(n_samples, n_features, self.n_subspaces, self.n_codewords)
+        check_codebook_size(n_samples, n_features, self.n_codebooks, self.n_codewords)
         if self.rotation:
             rotation, codebooks = fit_opq(
-                X, self.n_subspaces, self.n_codewords,
+                X, self.n_codebooks, self.n_codewords,
                 n_iter=self.n_rotation_iter, max_iter=self.max_iter,
                 random_state=self.random_state,
             )
@@ -166,7 +169,7 @@ class ProductQuantizer(BaseQuantizer):
         else:
             rotation = None
             codebooks, self.n_iter_ = fit_subspace_codebooks(
-                X, self.n_subspaces, self.n_codewords,
+                X, self.n_codebooks, self.n_codewords,
                 max_iter=self.max_iter, random_state=self.random_state,
                 return_n_iter=True,
             )

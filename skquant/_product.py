@@ -39,8 +39,8 @@ def check_codebook_size(n_samples, n_features, n_subspaces, n_codewords):
     """Raise a ValueError naming the problem when the codebooks cannot fit the data."""
     if n_features % n_subspaces != 0:
         raise ValueError(
-            f"n_subspaces={n_subspaces} must divide the quantized dimension, but "
-            f"n_features={n_features} is not a multiple of it. Choose n_subspaces "
+            f"n_codebooks={n_subspaces} must divide the quantized dimension, but "
+            f"n_features={n_features} is not a multiple of it. Choose n_codebooks "
             f"among the divisors of {n_features}."
         )
     check_n_codewords(n_samples, n_codewords)

@@ -146,7 +146,7 @@ class QuantizedKNeighborsTransformer(
     >>> from skquant import ProductQuantizer
     >>> from skquant.neighbors import QuantizedKNeighborsTransformer
     >>> X, y = load_digits(return_X_y=True)
-    >>> pq = ProductQuantizer(n_subspaces=8, n_codewords=32, random_state=0)
+    >>> pq = ProductQuantizer(n_codebooks=8, n_codewords=32, random_state=0)
     >>> graph = QuantizedKNeighborsTransformer(pq, n_neighbors=5).fit_transform(X)
     >>> graph.shape, graph.nnz == 6 * len(X), graph.diagonal().max()
     ((1797, 1797), True, np.float64(0.0))

@@ -56,7 +56,7 @@ class QuantizerPipeline(Pipeline):
     >>> from skquant.pipeline import make_quantizer_pipeline
     >>> X, y = load_digits(return_X_y=True)
     >>> pipe = make_quantizer_pipeline(
-    ...     MinMaxScaler(), ProductQuantizer(n_subspaces=4, n_codewords=16,
+    ...     MinMaxScaler(), ProductQuantizer(n_codebooks=4, n_codewords=16,
     ...                                      random_state=0))
     >>> search = GridSearchCV(
     ...     pipe, {"productquantizer__n_codewords": [8, 16]}, cv=2
@@ -192,9 +192,9 @@ def make_quantizer_pipeline(*steps, memory=None, transform_input=None, verbose=F
     --------
     >>> from sklearn.preprocessing import StandardScaler
     >>> from skquant import ProductQuantizer
-    >>> make_quantizer_pipeline(StandardScaler(), ProductQuantizer(n_subspaces=2))
+    >>> make_quantizer_pipeline(StandardScaler(), ProductQuantizer(n_codebooks=2))
     QuantizerPipeline(steps=[('standardscaler', StandardScaler()),
-                             ('productquantizer', ProductQuantizer(n_subspaces=2))])
+                             ('productquantizer', ProductQuantizer(n_codebooks=2))])
     """
     plain = make_pipeline(
         *steps, memory=memory, transform_input=transform_input, verbose=verbose

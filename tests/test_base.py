@@ -22,7 +22,7 @@ def digits():
 @pytest.fixture(scope="module")
 def fitted(digits):
     X, y = digits
-    return ProductQuantizer(n_subspaces=8, n_codewords=32, random_state=0).fit(X, y)
+    return ProductQuantizer(n_codebooks=8, n_codewords=32, random_state=0).fit(X, y)
 
 
 def _brute_force(pq, queries):
@@ -60,7 +60,7 @@ def test_duplicates_corner_case():
     # Three identical items. Item 2's k+1 list is [0, 1] (ties by lower index)
     # and does not contain itself: its nearest other item is 0, as in sklearn.
     X = np.array([[0.0, 0.0]] * 3 + [[5.0, 5.0], [9.0, 1.0], [3.0, 7.0]])
-    pq = ProductQuantizer(n_subspaces=1, n_codewords=6, random_state=0).fit(X)
+    pq = ProductQuantizer(n_codebooks=1, n_codewords=6, random_state=0).fit(X)
     ind = pq.kneighbors(n_neighbors=1, return_distance=False)
     expected = NearestNeighbors(n_neighbors=1).fit(X).kneighbors(return_distance=False)
     np.testing.assert_array_equal(ind, expected)
@@ -114,7 +114,7 @@ def test_chunking_and_jobs_do_not_change_results(fitted, digits):
 
 def test_index_and_add(digits):
     X, y = digits
-    pq = ProductQuantizer(n_subspaces=4, n_codewords=16, random_state=0).fit(X[:500], y[:500])
+    pq = ProductQuantizer(n_codebooks=4, n_codewords=16, random_state=0).fit(X[:500], y[:500])
     codes_first = pq.codes_.copy()
     assert pq.index(X[500:800], y[500:800]) is pq
     assert pq.n_samples_fit_ == 300

@@ -23,16 +23,16 @@ from sklearn.datasets import load_digits
 from skquant import DeepQuantizer, ProductQuantizer, SphericalQuantizer
 
 FACTORIES = {
-    "PQ": lambda: ProductQuantizer(n_subspaces=4, n_codewords=16, random_state=0),
+    "PQ": lambda: ProductQuantizer(n_codebooks=4, n_codewords=16, random_state=0),
     "OPQ-IVF": lambda: ProductQuantizer(
-        n_subspaces=4, n_codewords=16, rotation=True, n_lists=8, n_probe=3,
+        n_codebooks=4, n_codewords=16, rotation=True, n_lists=8, n_probe=3,
         random_state=0,
     ),
     "DQN": lambda: DeepQuantizer(
-        n_subspaces=4, n_codewords=16, max_epochs=4, random_state=0, device="cpu"
+        n_codebooks=4, n_codewords=16, max_iter=4, random_state=0, device="cpu"
     ),
     "DSQ": lambda: SphericalQuantizer(
-        n_codebooks=4, n_codewords=16, max_epochs=4, random_state=0, device="cpu"
+        n_codebooks=4, n_codewords=16, max_iter=4, random_state=0, device="cpu"
     ),
 }
 

@@ -17,7 +17,7 @@ _DEEP = dict(
     n_codewords=4,
     embedding_dim=4,
     hidden_layer_sizes=(8,),
-    max_epochs=3,
+    max_iter=3,
     warmup_epochs=1,
     batch_size=16,
     device="cpu",
@@ -25,18 +25,18 @@ _DEEP = dict(
 )
 
 ESTIMATORS = [
-    ProductQuantizer(n_subspaces=1, n_codewords=4, random_state=0),
+    ProductQuantizer(n_codebooks=1, n_codewords=4, random_state=0),
     ProductQuantizer(
-        n_subspaces=1, n_codewords=4, rotation=True, n_rotation_iter=2, random_state=0
+        n_codebooks=1, n_codewords=4, rotation=True, n_rotation_iter=2, random_state=0
     ),
-    DeepQuantizer(n_subspaces=1, **_DEEP),
+    DeepQuantizer(n_codebooks=1, **_DEEP),
     SphericalQuantizer(n_codebooks=2, **{**_DEEP, "n_codewords": 8}),
     QuantizedKNeighborsTransformer(
-        ProductQuantizer(n_subspaces=1, n_codewords=4, random_state=0), n_neighbors=3
+        ProductQuantizer(n_codebooks=1, n_codewords=4, random_state=0), n_neighbors=3
     ),
     QuantizedKNeighborsTransformer(
         ProductQuantizer(
-            n_subspaces=1, n_codewords=4, rotation=True, n_rotation_iter=2, random_state=0
+            n_codebooks=1, n_codewords=4, rotation=True, n_rotation_iter=2, random_state=0
         ),
         n_neighbors=2,
         mode="connectivity",

@@ -29,12 +29,12 @@ ESTIMATORS = {
     "OPQ": lambda: ProductQuantizer(8, 16, rotation=True, n_rotation_iter=2, random_state=0),
     "PQ-IVF": lambda: ProductQuantizer(8, 16, n_lists=8, n_probe=3, random_state=0),
     "DQN": lambda: DeepQuantizer(
-        n_subspaces=4, n_codewords=16, embedding_dim=16, hidden_layer_sizes=(32,),
-        max_epochs=2, warmup_epochs=1, device="cpu", random_state=0,
+        n_codebooks=4, n_codewords=16, embedding_dim=16, hidden_layer_sizes=(32,),
+        max_iter=2, warmup_epochs=1, device="cpu", random_state=0,
     ),
     "DSQ": lambda: SphericalQuantizer(
         n_codebooks=4, n_codewords=16, embedding_dim=16, hidden_layer_sizes=(32,),
-        max_epochs=2, warmup_epochs=1, device="cpu", random_state=0, n_jobs=2,
+        max_iter=2, warmup_epochs=1, device="cpu", random_state=0, n_jobs=2,
     ),
 }
 

@@ -25,7 +25,7 @@ def client():
 @pytest.fixture(scope="module")
 def fitted():
     X, y = load_digits(return_X_y=True)
-    pq = ProductQuantizer(n_subspaces=8, n_codewords=32, random_state=0).fit(X, y)
+    pq = ProductQuantizer(n_codebooks=8, n_codewords=32, random_state=0).fit(X, y)
     return pq, X
 
 
@@ -67,7 +67,7 @@ def test_dask_backend_with_small_working_memory(client, fitted):
 def test_knn_graph_on_dask(client):
     X, _ = load_digits(return_X_y=True)
     X = X[:500]
-    pq = ProductQuantizer(n_subspaces=8, n_codewords=32, random_state=0)
+    pq = ProductQuantizer(n_codebooks=8, n_codewords=32, random_state=0)
     expected = QuantizedKNeighborsTransformer(pq, n_neighbors=5).fit_transform(X)
     with parallel_config(backend="dask"):
         graph = QuantizedKNeighborsTransformer(

@@ -21,11 +21,11 @@ from skquant.metrics import mean_average_precision
 
 # Small, fast settings for behaviour tests (not quality tests).
 FAST = dict(
-    n_subspaces=2,
+    n_codebooks=2,
     n_codewords=8,
     embedding_dim=8,
     hidden_layer_sizes=(16,),
-    max_epochs=4,
+    max_iter=4,
     warmup_epochs=1,
     batch_size=32,
     device="cpu",
@@ -56,7 +56,7 @@ def digits_split():
 def digits_dqn(digits_split):
     X, y, train, _, database = digits_split
     # 32-bit codes, library defaults otherwise.
-    est = DeepQuantizer(n_subspaces=4, n_codewords=256, device="cpu", random_state=0)
+    est = DeepQuantizer(n_codebooks=4, n_codewords=256, device="cpu", random_state=0)
     est.fit(X[train], y[train])
     est.index(X[database], y[database])
     return est
@@ -74,7 +74,7 @@ def test_digits_retrieval_quality(digits_split, digits_dqn):
     X, y, train, query, database = digits_split
     dqn_map = digits_dqn.score(X[query], y[query])
 
-    pq = ProductQuantizer(n_subspaces=4, n_codewords=256, random_state=0)
+    pq = ProductQuantizer(n_codebooks=4, n_codewords=256, random_state=0)
     pq.fit(X[train], y[train]).index(X[database], y[database])
     pq_map = pq.score(X[query], y[query])
 
@@ -127,14 +127,14 @@ def test_fitted_attributes(digits_dqn):
     assert est.codebooks_.shape == (4, 256, 16) and est.codebooks_.dtype == np.float32
     assert est.codes_.dtype == np.uint8 and est.codes_.shape == (500, 4)
     assert est.rotation_ is None
-    assert est.n_iter_ == est.max_epochs == len(est.history_)
+    assert est.n_iter_ == est.max_iter == len(est.history_)
     assert est.device_ == torch.device("cpu")
     assert all(p.device.type == "cpu" for p in est.module_.parameters())
     first, last = est.history_[0], est.history_[-1]
     assert "quantization" not in first  # warm-up: classification loss only
     assert {"loss", "cross_entropy", "quantization", "time"} <= set(last)
     refits = [h for h in est.history_ if "quantization_error" in h]
-    expected = len(range(est.warmup_epochs, est.max_epochs, est.codebook_update_period))
+    expected = len(range(est.warmup_epochs, est.max_iter, est.codebook_update_period))
     assert len(refits) == expected
     # A posterior in an orthonormal basis (norm in [1/sqrt(L), 1]) plus an
     # orthogonal unit vector times tie_break.
@@ -192,9 +192,9 @@ def test_multilabel_y():
     X, y = X[:400], y[:400]
     # Two overlapping labels: the digit's parity and whether it is >= 5.
     Y = np.column_stack([y % 2 == 0, y % 2 == 1, y >= 5]).astype(int)
-    est = DeepQuantizer(**{**FAST, "max_epochs": 10}).fit(X[:300], Y[:300])
+    est = DeepQuantizer(**{**FAST, "max_iter": 10}).fit(X[:300], Y[:300])
     score = est.score(X[300:], Y[300:])
-    pq = ProductQuantizer(n_subspaces=2, n_codewords=8, random_state=0)
+    pq = ProductQuantizer(n_codebooks=2, n_codewords=8, random_state=0)
     pq_score = pq.fit(X[:300], Y[:300]).score(X[300:], Y[300:])
     assert np.isfinite(score) and score > pq_score
     assert est.database_labels_.shape == (300, 3)
@@ -220,8 +220,8 @@ def test_inner_product_loss_and_verbose(capsys):
     est = DeepQuantizer(**{**FAST, "loss": "inner_product", "verbose": 1})
     est.fit(X[:200], y[:200])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == FAST["max_epochs"]
-    assert lines[0].startswith(f"[DeepQuantizer] epoch 1/{FAST['max_epochs']}, loss = ")
+    assert len(lines) == FAST["max_iter"]
+    assert lines[0].startswith(f"[DeepQuantizer] epoch 1/{FAST['max_iter']}, loss = ")
     assert "quantization = " in lines[-1] and "time = " in lines[-1]
     assert np.all(np.isfinite([h["loss"] for h in est.history_]))
 
@@ -250,7 +250,7 @@ def test_conv_backbone_with_input_shape_and_frozen_backbone():
 @pytest.mark.parametrize(
     "params, y_kind, match",
     [
-        ({"embedding_dim": 9}, "ok", "divisible by n_subspaces"),
+        ({"embedding_dim": 9}, "ok", "divisible by n_codebooks"),
         ({"n_codewords": 64}, "ok", "larger than the number of training samples"),
         ({}, "one_class", "at least 2 classes"),
         ({}, "none", "requires y"),
@@ -321,12 +321,12 @@ def test_keyboard_interrupt_keeps_last_epoch_and_stays_usable():
     _InterruptingBackbone.calls = 0
     _InterruptingBackbone.interrupt_at = 10**9
     torch.manual_seed(0)
-    ref = DeepQuantizer(**{**FAST, "backbone": _InterruptingBackbone(), "max_epochs": 2})
+    ref = DeepQuantizer(**{**FAST, "backbone": _InterruptingBackbone(), "max_iter": 2})
     ref.fit(X, y)  # 10 batches per epoch: 2 full epochs, as the interrupted fit keeps
     _InterruptingBackbone.calls = 0
     _InterruptingBackbone.interrupt_at = 25  # during epoch 3
     torch.manual_seed(0)
-    est = DeepQuantizer(**{**FAST, "backbone": _InterruptingBackbone(), "max_epochs": 6})
+    est = DeepQuantizer(**{**FAST, "backbone": _InterruptingBackbone(), "max_iter": 6})
     with pytest.warns(UserWarning, match="interrupted during epoch 3"):
         est.fit(X, y)
     assert est.n_iter_ == 2 and len(est.history_) == 2
@@ -357,12 +357,12 @@ def test_each_loss_beats_unsupervised_pq(loss):
     # pairwise losses) learns codes that beat PQ on the raw pixels.
     X, y = load_digits(return_X_y=True)
     params = {**FAST, "loss": loss, "n_codewords": 32, "embedding_dim": 16,
-              "hidden_layer_sizes": (32,), "max_epochs": 15, "warmup_epochs": 3}
+              "hidden_layer_sizes": (32,), "max_iter": 15, "warmup_epochs": 3}
     if loss != "posterior":
         params["learning_rate"] = 3e-3  # the pairwise losses' previous default
     est = DeepQuantizer(**params).fit(X[:600], y[:600])
     est.index(X[600:1200], y[600:1200])
-    pq = ProductQuantizer(n_subspaces=2, n_codewords=32, random_state=0)
+    pq = ProductQuantizer(n_codebooks=2, n_codewords=32, random_state=0)
     pq.fit(X[:600]).index(X[600:1200], y[600:1200])
     assert est.score(X[1200:], y[1200:]) > pq.score(X[1200:], y[1200:]) + 0.1
     assert est.metric_ == ("inner_product" if loss == "posterior" else "euclidean")
@@ -373,7 +373,7 @@ def test_tie_break_orders_equal_posteriors():
     # rank 1 far more often.
     X, y = load_digits(return_X_y=True)
     params = {**FAST, "n_codewords": 32, "embedding_dim": 16,
-              "hidden_layer_sizes": (32,), "max_epochs": 15, "warmup_epochs": 3}
+              "hidden_layer_sizes": (32,), "max_iter": 15, "warmup_epochs": 3}
     ties = []
     for tie_break in (0.0, 0.1):
         est = DeepQuantizer(**params, tie_break=tie_break).fit(X[:600], y[:600])

@@ -17,7 +17,7 @@ SMALL = dict(
     n_codewords=8,
     embedding_dim=4,
     hidden_layer_sizes=(8,),
-    max_epochs=3,
+    max_iter=3,
     warmup_epochs=1,
     batch_size=16,
     device="cpu",
@@ -39,7 +39,7 @@ def fitted(digits):
     torch.set_num_threads(1)
     # 32-bit codes: 4 codebooks of 256 codewords.
     model = SphericalQuantizer(
-        n_codebooks=4, n_codewords=256, max_epochs=30, device="cpu", random_state=0
+        n_codebooks=4, n_codewords=256, max_iter=30, device="cpu", random_state=0
     )
     return model.fit(X[train], y[train])
 
@@ -126,7 +126,7 @@ def test_pickle_round_trip(digits, fitted):
 
 def test_reproducible_and_seed_dependent(digits):
     X, y, train, query, _ = digits
-    params = dict(SMALL, n_codewords=16, embedding_dim=8, max_epochs=4)
+    params = dict(SMALL, n_codewords=16, embedding_dim=8, max_iter=4)
     a = SphericalQuantizer(**params).fit(X[train[:300]], y[train[:300]])
     b = SphericalQuantizer(**params).fit(X[train[:300]], y[train[:300]])
     c = SphericalQuantizer(**dict(params, random_state=1)).fit(
@@ -144,7 +144,7 @@ def test_sparse_codebooks(digits, sparsity):
     # through the dense product of the sparse codebooks.
     X, y, train, query, rest = digits
     model = SphericalQuantizer(
-        **dict(SMALL, n_codewords=16, embedding_dim=16, max_epochs=4, sparsity=sparsity)
+        **dict(SMALL, n_codewords=16, embedding_dim=16, max_iter=4, sparsity=sparsity)
     ).fit(X[train[:400]], y[train[:400]])
     nnz = (model.codebooks_ != 0).sum(axis=2)
     assert nnz.max() <= sparsity
@@ -169,7 +169,7 @@ def test_sparse_codebooks(digits, sparsity):
 
 def test_sparsity_at_least_dim_is_dense(digits):
     X, y, train, _, _ = digits
-    params = dict(SMALL, n_codewords=16, embedding_dim=6, max_epochs=2)
+    params = dict(SMALL, n_codewords=16, embedding_dim=6, max_iter=2)
     dense = SphericalQuantizer(**params).fit(X[train[:200]], y[train[:200]])
     full = SphericalQuantizer(**dict(params, sparsity=6)).fit(
         X[train[:200]], y[train[:200]]
@@ -186,7 +186,7 @@ def test_multilabel_y(digits):
     Y[:, 10] = y % 2 == 0
     params = dict(SMALL, n_codewords=16, embedding_dim=16, hidden_layer_sizes=(64,))
     model = SphericalQuantizer(
-        **dict(params, max_epochs=20, warmup_epochs=2, batch_size=32)
+        **dict(params, max_iter=20, warmup_epochs=2, batch_size=32)
     ).fit(X[train[:500]], Y[train[:500]])
     assert model.class_centers_.shape == (11, 16)
     np.testing.assert_array_equal(model.classes_, np.arange(11))
@@ -201,7 +201,7 @@ def test_multilabel_y(digits):
 def test_two_step_when_warmup_covers_training(digits):
     X, y, train, _, _ = digits
     model = SphericalQuantizer(
-        **dict(SMALL, n_codewords=16, max_epochs=2, warmup_epochs=5)
+        **dict(SMALL, n_codewords=16, max_iter=2, warmup_epochs=5)
     ).fit(X[train[:200]], y[train[:200]])
     assert all("quantization" not in h for h in model.history_)
     assert model.codebooks_.shape == (2, 16, 4)
@@ -241,10 +241,10 @@ def test_each_loss_beats_unsupervised_pq(digits, loss):
     # learn codes that beat PQ on the raw pixels.
     X, y, train, query, rest = digits
     params = dict(SMALL, loss=loss, n_codewords=32, embedding_dim=16,
-                  hidden_layer_sizes=(32,), max_epochs=15, warmup_epochs=3)
+                  hidden_layer_sizes=(32,), max_iter=15, warmup_epochs=3)
     model = SphericalQuantizer(**params).fit(X[train[:600]], y[train[:600]])
     model.index(X[rest], y[rest])
-    pq = ProductQuantizer(n_subspaces=2, n_codewords=32, random_state=0)
+    pq = ProductQuantizer(n_codebooks=2, n_codewords=32, random_state=0)
     pq.fit(X[train[:600]]).index(X[rest], y[rest])
     assert model.score(X[query], y[query]) > pq.score(X[query], y[query]) + 0.1
     Z = model.transform(X[query])

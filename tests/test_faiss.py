@@ -62,7 +62,7 @@ def test_product_quantizer_to_faiss(digits, n_codewords, rotation):
     X, _ = digits
     train, test = X[:1500], X[1500:1600]
     pq = ProductQuantizer(
-        n_subspaces=8, n_codewords=n_codewords, rotation=rotation, n_rotation_iter=3,
+        n_codebooks=8, n_codewords=n_codewords, rotation=rotation, n_rotation_iter=3,
         random_state=0,
     ).fit(train)
     index = pq.to_faiss()
@@ -91,8 +91,8 @@ def test_deep_quantizer_to_faiss(digits, loss):
     # inner-product AQD: the exported IndexPQ uses the same metric.
     X, y = digits
     dqn = DeepQuantizer(
-        n_subspaces=2, n_codewords=16, embedding_dim=16, hidden_layer_sizes=(32,),
-        max_epochs=3, warmup_epochs=1, device="cpu", random_state=0, loss=loss,
+        n_codebooks=2, n_codewords=16, embedding_dim=16, hidden_layer_sizes=(32,),
+        max_iter=3, warmup_epochs=1, device="cpu", random_state=0, loss=loss,
     ).fit(X[:1000], y[:1000])
     index = dqn.to_faiss()
     assert isinstance(index, faiss.IndexPQ) and index.d == 16
@@ -126,7 +126,7 @@ def test_spherical_quantizer_to_faiss(digits):
     X, y = digits
     dsq = dsq_module.SphericalQuantizer(
         n_codebooks=2, n_codewords=16, embedding_dim=16, hidden_layer_sizes=(32,),
-        max_epochs=3, warmup_epochs=1, device="cpu", random_state=0,
+        max_iter=3, warmup_epochs=1, device="cpu", random_state=0,
     ).fit(X[:1000], y[:1000])
     index = dsq.to_faiss()
     assert index.metric_type == faiss.METRIC_INNER_PRODUCT
@@ -189,7 +189,7 @@ def test_inverted_file_to_faiss(digits, rotation):
     X, _ = digits
     train, test = X[:1500], X[1500:1600]
     pq = ProductQuantizer(
-        n_subspaces=8, n_codewords=32, rotation=rotation, n_rotation_iter=2,
+        n_codebooks=8, n_codewords=32, rotation=rotation, n_rotation_iter=2,
         n_lists=8, n_probe=2, random_state=0,
     ).fit(train)
     index = pq.to_faiss()

@@ -129,7 +129,7 @@ def blobs():
 
 
 def _pq(**params):
-    return ProductQuantizer(n_subspaces=4, n_codewords=32, random_state=0, **params)
+    return ProductQuantizer(n_codebooks=4, n_codewords=32, random_state=0, **params)
 
 
 def test_estimator_all_cells_equals_exhaustive(blobs):
@@ -212,7 +212,7 @@ def test_estimator_index_add_and_pickle_reuse_cells(blobs, monkeypatch):
 def test_estimator_n_lists_larger_than_database():
     X = np.random.default_rng(5).normal(size=(30, 4))
     with pytest.raises(ValueError, match="n_lists=50 must be between 1"):
-        ProductQuantizer(n_subspaces=2, n_codewords=8, n_lists=50).fit(X)
+        ProductQuantizer(n_codebooks=2, n_codewords=8, n_lists=50).fit(X)
 
 
 @pytest.mark.parametrize("M, K, n_items", [(1, 16, 300), (2, 300, 900), (5, 16, 3000),

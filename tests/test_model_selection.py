@@ -24,8 +24,8 @@ def digits():
 
 
 # Two clearly different settings: 1 bit per item against 40 bits per item.
-COARSE = dict(n_subspaces=1, n_codewords=2)
-FINE = dict(n_subspaces=8, n_codewords=32)
+COARSE = dict(n_codebooks=1, n_codewords=2)
+FINE = dict(n_codebooks=8, n_codewords=32)
 GRID = [{key: [value] for key, value in params.items()} for params in (COARSE, FINE)]
 
 
@@ -87,7 +87,7 @@ def test_randomized_search_in_pipeline(digits):
     search = RandomizedSearchCV(
         pipe,
         param_distributions={
-            "pq__n_subspaces": [1, 8],
+            "pq__n_codebooks": [1, 8],
             "pq__n_codewords": randint(2, 33),
         },
         n_iter=3,
@@ -114,19 +114,19 @@ def test_grid_search_tunes_deep_quantizer(digits):
     # 4 epochs only: the default learning_rate (1e-3, chosen for the default
     # 60 epochs) is too slow for so short a fit; 3e-3 converges in time.
     base = DeepQuantizer(
-        embedding_dim=16, hidden_layer_sizes=(64,), max_epochs=4, warmup_epochs=1,
+        embedding_dim=16, hidden_layer_sizes=(64,), max_iter=4, warmup_epochs=1,
         learning_rate=3e-3, device="cpu", random_state=0,
     )
     search = GridSearchCV(
         base,
         param_grid=[
-            {"n_subspaces": [1], "n_codewords": [2]},
-            {"n_subspaces": [2], "n_codewords": [16]},
+            {"n_codebooks": [1], "n_codewords": [2]},
+            {"n_codebooks": [2], "n_codewords": [16]},
         ],
         cv=KFold(n_splits=2, shuffle=True, random_state=0),
     )
     search.fit(X, y)
-    assert search.best_params_ == {"n_subspaces": 2, "n_codewords": 16}
+    assert search.best_params_ == {"n_codebooks": 2, "n_codewords": 16}
     scores = search.cv_results_["mean_test_score"]
     assert scores[1] > scores[0] + 0.2, scores
 
@@ -143,14 +143,14 @@ def test_grid_search_over_graph_pipeline_with_cache(digits, tmp_path):
     search = GridSearchCV(
         pipe,
         param_grid={
-            "graph__quantizer__n_subspaces": [1, 8],
+            "graph__quantizer__n_codebooks": [1, 8],
             "graph__quantizer__n_codewords": [2, 32],
             "knn__n_neighbors": [1, 5],
         },
         cv=CV,
     )
     search.fit(X, y)
-    assert search.best_params_["graph__quantizer__n_subspaces"] == 8
+    assert search.best_params_["graph__quantizer__n_codebooks"] == 8
     assert search.best_params_["graph__quantizer__n_codewords"] == 32
     assert search.best_score_ > 0.9
     # The cached graphs were reused: fewer cache entries than fits.
@@ -163,7 +163,7 @@ def test_feature_names_and_pandas_output(digits):
     X, y = digits
     columns = [f"pixel_{i}" for i in range(X.shape[1])]
     df = pd.DataFrame(X[:300], columns=columns)
-    pq = ProductQuantizer(n_subspaces=4, n_codewords=8, random_state=0)
+    pq = ProductQuantizer(n_codebooks=4, n_codewords=8, random_state=0)
     pq.set_output(transform="pandas").fit(df, y[:300])
     np.testing.assert_array_equal(pq.feature_names_in_, columns)
     out = pq.transform(df)
@@ -182,8 +182,8 @@ def test_feature_names_and_pandas_output(digits):
 def test_deep_quantizer_feature_names(digits):
     X, y = digits
     dqn = DeepQuantizer(
-        n_subspaces=2, n_codewords=4, embedding_dim=8, hidden_layer_sizes=(),
-        max_epochs=1, warmup_epochs=0, device="cpu", random_state=0,
+        n_codebooks=2, n_codewords=4, embedding_dim=8, hidden_layer_sizes=(),
+        max_iter=1, warmup_epochs=0, device="cpu", random_state=0,
     ).set_output(transform="pandas")
     out = dqn.fit(X[:200], y[:200]).transform(X[:5])
     assert list(out.columns) == [f"deepquantizer{i}" for i in range(8)]

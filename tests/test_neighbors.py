@@ -25,7 +25,7 @@ def digits():
 
 
 def _pq(**kwargs):
-    params = dict(n_subspaces=8, n_codewords=32, random_state=0)
+    params = dict(n_codebooks=8, n_codewords=32, random_state=0)
     params.update(kwargs)
     return ProductQuantizer(**params)
 
@@ -137,7 +137,7 @@ def test_duplicated_training_rows_are_all_at_distance_zero():
     X, _ = make_blobs(n_samples=60, n_features=4, random_state=0)
     X = np.vstack([X, X[:5], X[:5]])  # rows i, 60 + i and 65 + i are equal
     graph = QuantizedKNeighborsTransformer(
-        _pq(n_subspaces=2, n_codewords=8), n_neighbors=3
+        _pq(n_codebooks=2, n_codewords=8), n_neighbors=3
     ).fit_transform(X)
     _check_graph_rows(graph, 4)
     for i in range(5):
@@ -164,7 +164,7 @@ def test_row_fingerprints():
 
 def test_too_many_neighbors_raises(digits):
     X, _ = digits
-    est = QuantizedKNeighborsTransformer(_pq(n_subspaces=2, n_codewords=4), n_neighbors=10)
+    est = QuantizedKNeighborsTransformer(_pq(n_codebooks=2, n_codewords=4), n_neighbors=10)
     with pytest.raises(ValueError, match="n_neighbors"):
         est.fit_transform(X[:10])
 
@@ -173,9 +173,9 @@ def test_quantizer_params_are_nested_and_clone_is_kept(digits):
     X, _ = digits
     pq = _pq()
     est = QuantizedKNeighborsTransformer(pq)
-    assert est.get_params()["quantizer__n_subspaces"] == 8
-    est.set_params(quantizer__n_subspaces=4).fit(X[:300])
-    assert est.quantizer_.n_subspaces == 4 and est.quantizer_ is not pq
+    assert est.get_params()["quantizer__n_codebooks"] == 8
+    est.set_params(quantizer__n_codebooks=4).fit(X[:300])
+    assert est.quantizer_.n_codebooks == 4 and est.quantizer_ is not pq
     assert not hasattr(pq, "codes_")
     names = est.get_feature_names_out()
     assert len(names) == 300 and names[0] == "quantizedkneighborstransformer0"
@@ -202,10 +202,10 @@ def test_kneighbors_classifier_with_deep_quantizer(digits):
     X, y = digits
     Xtr, ytr, Xte, yte = X[:1200], y[:1200], X[1200:], y[1200:]
     dqn = DeepQuantizer(
-        n_subspaces=2, n_codewords=16, embedding_dim=16, hidden_layer_sizes=(64,),
+        n_codebooks=2, n_codewords=16, embedding_dim=16, hidden_layer_sizes=(64,),
         # 6 epochs only: learning_rate=3e-3 (the default 1e-3 is chosen for
         # the default 60 epochs; here it scores 0.71).
-        max_epochs=6, warmup_epochs=2, learning_rate=3e-3, device="cpu",
+        max_iter=6, warmup_epochs=2, learning_rate=3e-3, device="cpu",
         random_state=0,
     )
     model = make_pipeline(
@@ -254,7 +254,7 @@ def test_tsne_precomputed(digits):
 def test_dbscan_precomputed():
     X, y = make_blobs(n_samples=300, centers=3, n_features=8, cluster_std=0.5, random_state=0)
     labels = make_pipeline(
-        QuantizedKNeighborsTransformer(_pq(n_subspaces=4, n_codewords=32), n_neighbors=10),
+        QuantizedKNeighborsTransformer(_pq(n_codebooks=4, n_codewords=32), n_neighbors=10),
         DBSCAN(eps=3.0, min_samples=5, metric="precomputed"),
     ).fit_predict(X)
     assert adjusted_rand_score(y, labels) > 0.95
@@ -266,7 +266,7 @@ def test_spectral_clustering_precomputed_nearest_neighbors():
     X, y = make_blobs(n_samples=300, centers=3, n_features=8, cluster_std=0.8, random_state=1)
     model = make_pipeline(
         QuantizedKNeighborsTransformer(
-            _pq(n_subspaces=4, n_codewords=32), n_neighbors=10, mode="connectivity"
+            _pq(n_codebooks=4, n_codewords=32), n_neighbors=10, mode="connectivity"
         ),
         SpectralClustering(
             n_clusters=3, affinity="precomputed_nearest_neighbors", n_neighbors=10,
@@ -282,7 +282,7 @@ def test_local_outlier_factor_precomputed():
     outliers = np.full((5, 8), 25.0) + np.arange(5)[:, None]
     X = np.vstack([X, outliers])
     pred = make_pipeline(
-        QuantizedKNeighborsTransformer(_pq(n_subspaces=4, n_codewords=16), n_neighbors=10),
+        QuantizedKNeighborsTransformer(_pq(n_codebooks=4, n_codewords=16), n_neighbors=10),
         LocalOutlierFactor(n_neighbors=10, metric="precomputed", contamination=5 / 205),
     ).fit_predict(X)
     np.testing.assert_array_equal(np.flatnonzero(pred == -1), np.arange(200, 205))

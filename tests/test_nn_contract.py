@@ -122,7 +122,7 @@ def test_deep_estimators_never_densify_sparse_data_whole(name, monkeypatch):
 
     monkeypatch.setattr(sp.csr_matrix, "toarray", recording_toarray)
     cls = DeepQuantizer if name == "DQN" else SphericalQuantizer
-    est = cls(n_codewords=16, max_epochs=3, batch_size=32, random_state=0,
+    est = cls(n_codewords=16, max_iter=3, batch_size=32, random_state=0,
               device="cpu").fit(X, y)
     assert densified and max(densified) <= 256 < n
     assert est.score(X[:60], y[:60]) > 0.5

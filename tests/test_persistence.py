@@ -7,6 +7,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
+from sklearn.base import clone as sklearn_clone
 from sklearn.datasets import load_digits
 from sklearn.exceptions import InconsistentVersionWarning as SklearnVersionWarning
 
@@ -28,11 +29,11 @@ def digits():
 
 def _estimators():
     return [
-        ProductQuantizer(n_subspaces=4, n_codewords=16, random_state=0),
-        ProductQuantizer(n_subspaces=4, n_codewords=16, rotation=True, n_rotation_iter=2, random_state=0),
+        ProductQuantizer(n_codebooks=4, n_codewords=16, random_state=0),
+        ProductQuantizer(n_codebooks=4, n_codewords=16, rotation=True, n_rotation_iter=2, random_state=0),
         DeepQuantizer(
-            n_subspaces=2, n_codewords=8, embedding_dim=8, hidden_layer_sizes=(16,),
-            max_epochs=2, warmup_epochs=1, device="cpu", random_state=0,
+            n_codebooks=2, n_codewords=8, embedding_dim=8, hidden_layer_sizes=(16,),
+            max_iter=2, warmup_epochs=1, device="cpu", random_state=0,
         ),
         QuantizedKNeighborsTransformer(ProductQuantizer(4, 16, random_state=0), n_neighbors=3),
     ]
@@ -108,6 +109,14 @@ def test_pickles_from_before_the_index_object_search_the_same(name, monkeypatch)
         est = pickle.loads(saved[name]["pickle"])
     assert isinstance(est.index_, QuantizedIndex)
     assert est.index_.quantizer is est.quantizer_
+    # Parameters renamed since (n_subspaces -> n_codebooks, max_epochs ->
+    # max_iter) read under today's names; get_params and clone work.
+    params = est.get_params()
+    assert params["n_codebooks"] == est.quantizer_.n_codebooks
+    assert "n_subspaces" not in est.__dict__ and "max_epochs" not in est.__dict__
+    if name == "dsq_sparse":
+        assert params["loss"] == "dsq"  # the objective it was trained with
+    sklearn_clone(est)
     for got, expected in [
         (est.kneighbors(saved["queries"], n_neighbors=5), saved[name]["kneighbors"]),
         (est.kneighbors(n_neighbors=1), saved[name]["kneighbors_self"]),

@@ -21,15 +21,15 @@ from sklearn.datasets import load_digits
 from skquant import DeepQuantizer, ProductQuantizer, QuantizedKNeighborsTransformer
 from skquant._deep._dsq import SphericalQuantizer
 
-DEEP = dict(max_epochs=2, warmup_epochs=1, device="cpu", random_state=0,
+DEEP = dict(max_iter=2, warmup_epochs=1, device="cpu", random_state=0,
             hidden_layer_sizes=(16,))
 ESTIMATORS = {
     "PQ": lambda: ProductQuantizer(4, 16, random_state=0),
     "OPQ": lambda: ProductQuantizer(4, 16, rotation=True, n_rotation_iter=2, random_state=0),
     "PQ-IVF": lambda: ProductQuantizer(4, 16, n_lists=6, n_probe=2, random_state=0),
-    "DQN": lambda: DeepQuantizer(n_subspaces=2, n_codewords=8, embedding_dim=8, **DEEP),
+    "DQN": lambda: DeepQuantizer(n_codebooks=2, n_codewords=8, embedding_dim=8, **DEEP),
     "DQN-two-step": lambda: DeepQuantizer(
-        n_subspaces=2, n_codewords=8, embedding_dim=8, joint=False, **DEEP
+        n_codebooks=2, n_codewords=8, embedding_dim=8, joint=False, **DEEP
     ),
     "DSQ": lambda: SphericalQuantizer(n_codebooks=2, n_codewords=8, embedding_dim=8, **DEEP),
     "DSQ-sparse": lambda: SphericalQuantizer(

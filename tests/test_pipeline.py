@@ -30,7 +30,7 @@ def _by_hand(pipe, X_db, y_db, Q):
 def test_grid_search_best_estimator_serves(digits):
     X, y, X_db, y_db, Q = digits
     pipe = make_quantizer_pipeline(
-        MinMaxScaler(), ProductQuantizer(n_subspaces=4, n_codewords=16, random_state=0)
+        MinMaxScaler(), ProductQuantizer(n_codebooks=4, n_codewords=16, random_state=0)
     )
     search = GridSearchCV(
         pipe, {"productquantizer__n_codewords": [8, 16]}, cv=2
@@ -56,7 +56,7 @@ def test_grid_search_best_estimator_serves(digits):
 def test_add_and_database_self_query(digits):
     X, y, X_db, y_db, Q = digits
     pipe = make_quantizer_pipeline(
-        StandardScaler(), ProductQuantizer(n_subspaces=4, n_codewords=16, random_state=0)
+        StandardScaler(), ProductQuantizer(n_codebooks=4, n_codewords=16, random_state=0)
     ).fit(X, y)
     pipe.index(X_db[:200], y_db[:200]).add(X_db[200:], y_db[200:])
     assert pipe[-1].n_samples_fit_ == len(X_db)
@@ -69,7 +69,7 @@ def test_wrapping_a_fitted_plain_pipeline_refits_nothing(digits):
     X, y, X_db, y_db, Q = digits
     plain = make_pipeline(
         MinMaxScaler(),
-        DeepQuantizer(n_subspaces=2, n_codewords=8, max_epochs=2, random_state=0),
+        DeepQuantizer(n_codebooks=2, n_codewords=8, max_iter=2, random_state=0),
     ).fit(X, y)
     codebooks = plain[-1].codebooks_.copy()
     served = QuantizerPipeline(plain.steps).index(X_db, y_db)
@@ -81,7 +81,7 @@ def test_wrapping_a_fitted_plain_pipeline_refits_nothing(digits):
 def test_single_step_and_wrong_last_step(digits):
     X, y, X_db, y_db, Q = digits
     pipe = QuantizerPipeline(
-        [("pq", ProductQuantizer(n_subspaces=2, n_codewords=8, random_state=0))]
+        [("pq", ProductQuantizer(n_codebooks=2, n_codewords=8, random_state=0))]
     ).fit(X, y)
     assert_array_equal(pipe.kneighbors(Q)[1], pipe[-1].kneighbors(Q)[1])
     bad = make_quantizer_pipeline(StandardScaler(), MinMaxScaler()).fit(X)

@@ -22,7 +22,7 @@ def test_one_codeword_per_point_reproduces_exact_search():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(40, 6))
     queries = rng.normal(size=(15, 6))
-    pq = ProductQuantizer(n_subspaces=3, n_codewords=40, random_state=0).fit(X)
+    pq = ProductQuantizer(n_codebooks=3, n_codewords=40, random_state=0).fit(X)
     np.testing.assert_allclose(pq.decode(pq.codes_), X, atol=1e-5)
     dist, ind = pq.kneighbors(queries, n_neighbors=7)
     ref_dist, ref_ind = NearestNeighbors(n_neighbors=7).fit(X).kneighbors(queries)
@@ -39,7 +39,7 @@ def test_opq_reconstruction_error_not_worse_than_pq():
     errors = {}
     for rotation in (False, True):
         pq = ProductQuantizer(
-            n_subspaces=4, n_codewords=16, rotation=rotation, random_state=0
+            n_codebooks=4, n_codewords=16, rotation=rotation, random_state=0
         ).fit(X)
         errors[rotation] = np.mean(np.sum((pq.decode(pq.codes_) - X) ** 2, axis=1))
         if rotation:
@@ -91,9 +91,9 @@ def test_supervision_is_ignored():
 @pytest.mark.parametrize(
     "params, n_samples, n_features, match",
     [
-        ({"n_subspaces": 3}, 50, 8, "n_subspaces=3 must divide"),
-        ({"n_subspaces": 2, "n_codewords": 64}, 50, 8, "n_codewords=64 is larger"),
-        ({"n_subspaces": 1, "n_codewords": 2}, 1, 3, "n_samples=1"),
+        ({"n_codebooks": 3}, 50, 8, "n_codebooks=3 must divide"),
+        ({"n_codebooks": 2, "n_codewords": 64}, 50, 8, "n_codewords=64 is larger"),
+        ({"n_codebooks": 1, "n_codewords": 2}, 1, 3, "n_samples=1"),
     ],
 )
 def test_codebook_sizes_that_do_not_fit_raise(params, n_samples, n_features, match):

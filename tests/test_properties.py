@@ -48,8 +48,8 @@ def _n_neighbors(n_items):
 def _brute_force(tables, codes, k):
     """All table sums in float64, sorted by (value, index): the k first."""
     tables = np.asarray(tables, dtype=np.float32).astype(np.float64)
-    n_subspaces = tables.shape[1]
-    sums = sum(tables[:, m, codes[:, m]] for m in range(n_subspaces))  # (nq, N)
+    n_codebooks = tables.shape[1]
+    sums = sum(tables[:, m, codes[:, m]] for m in range(n_codebooks))  # (nq, N)
     n_items = codes.shape[0]
     order = np.lexsort((np.broadcast_to(np.arange(n_items), sums.shape), sums), axis=1)
     order = order[:, :k]
@@ -58,18 +58,18 @@ def _brute_force(tables, codes, k):
 
 @st.composite
 def search_problems(draw, integer_tables):
-    n_subspaces = draw(st.integers(1, 5))
+    n_codebooks = draw(st.integers(1, 5))
     # Few codewords and many items: duplicate code rows, hence exact ties.
     n_codewords = draw(st.integers(1, 6))
     n_items = draw(st.one_of(st.sampled_from([1, 2, 9, 64, 150]), st.integers(1, 150)))
     # 1..11 queries use the per-query kernel under "auto", 12+ the batch one.
     n_queries = draw(st.sampled_from([1, 2, 5, 11, 12, 13, 70]))
     codes = draw(
-        hnp.arrays(np.uint8, (n_items, n_subspaces), elements=st.integers(0, n_codewords - 1))
+        hnp.arrays(np.uint8, (n_items, n_codebooks), elements=st.integers(0, n_codewords - 1))
     )
     if draw(st.booleans()):
         codes = np.asfortranarray(codes)  # the layout estimators store
-    shape = (n_queries, n_subspaces, n_codewords)
+    shape = (n_queries, n_codebooks, n_codewords)
     if integer_tables:
         # Small integers: every sum is exact in float32, so ties are exact
         # and the expected order (value, then lower index) is unambiguous.
@@ -137,8 +137,8 @@ def test_aqd_search_continuous_tables(problem, kernel, n_jobs):
 # database (the definition of AQD)
 @st.composite
 def pq_problems(draw):
-    n_subspaces = draw(st.sampled_from([1, 2, 4]))
-    n_features = n_subspaces * draw(st.integers(1, 3))
+    n_codebooks = draw(st.sampled_from([1, 2, 4]))
+    n_features = n_codebooks * draw(st.integers(1, 3))
     n_distinct = draw(st.integers(2, 30))
     n_items = draw(st.integers(n_distinct, 80))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -149,7 +149,7 @@ def pq_problems(draw):
     queries = np.vstack([X[: draw(st.integers(0, 3))],
                          rng.standard_normal((draw(st.integers(1, 15)), n_features))])
     dtype = draw(st.sampled_from([np.float32, np.float64]))
-    return X, queries.astype(dtype), n_subspaces, n_codewords, draw(_n_neighbors(n_items))
+    return X, queries.astype(dtype), n_codebooks, n_codewords, draw(_n_neighbors(n_items))
 
 
 def _check_against_decoded(pq, queries, dist, ind):
@@ -174,11 +174,11 @@ def _check_against_decoded(pq, queries, dist, ind):
 @settings(SETTINGS, max_examples=40)
 @given(problem=pq_problems(), n_jobs=st.sampled_from([None, 2]))
 def test_product_quantizer_kneighbors_equals_decoded_brute_force(problem, n_jobs):
-    X, queries, n_subspaces, n_codewords, k = problem
+    X, queries, n_codebooks, n_codewords, k = problem
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # k-means: fewer distinct points than K
         pq = ProductQuantizer(
-            n_subspaces, n_codewords, max_iter=10, n_jobs=n_jobs, random_state=0
+            n_codebooks, n_codewords, max_iter=10, n_jobs=n_jobs, random_state=0
         ).fit(X)
     queries_before = queries.copy()
     dist, ind = pq.kneighbors(queries, n_neighbors=k)

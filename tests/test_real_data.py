@@ -66,7 +66,7 @@ def test_pq_on_fashion_mnist_stays_close_to_exact_pixels(fashion_split):
     X, y, q, tr, db, raw_ranking, raw_map = fashion_split
     # Exact kNN on raw pixels is far above chance (0.1) but far from perfect.
     assert 0.3 < raw_map < 0.6
-    pq = ProductQuantizer(n_subspaces=16, n_codewords=64, random_state=0)
+    pq = ProductQuantizer(n_codebooks=16, n_codewords=64, random_state=0)
     pq.fit(X[tr]).index(X[db], y[db])
     ranking = pq.kneighbors(X[q], n_neighbors=len(db), return_distance=False)
     pq_map = mean_average_precision(y[q], y[db], ranking)
@@ -84,9 +84,9 @@ def test_pq_on_fashion_mnist_stays_close_to_exact_pixels(fashion_split):
 def test_short_dqn_fit_beats_exact_pixel_knn(fashion_split):
     X, y, q, tr, db, raw_ranking, raw_map = fashion_split
     dqn = DeepQuantizer(
-        n_subspaces=4,
+        n_codebooks=4,
         n_codewords=64,
-        max_epochs=8,
+        max_iter=8,
         warmup_epochs=3,
         device="cpu",
         random_state=0,
@@ -127,7 +127,7 @@ def test_pq_on_yeast_multilabel_relevance(yeast):
     )
     # 103 is prime: one zero column lets PQ cut 4 sub-spaces, distances unchanged.
     Xp = np.hstack([X, np.zeros((len(X), 1), np.float32)])
-    pq = ProductQuantizer(n_subspaces=4, n_codewords=64, random_state=0)
+    pq = ProductQuantizer(n_codebooks=4, n_codewords=64, random_state=0)
     pq.fit(Xp[tr]).index(Xp[db], Y[db])
     ranking = pq.kneighbors(Xp[q], n_neighbors=len(db), return_distance=False)
     raw_ranking = _exact_ranking(X[q], X[db])

@@ -158,7 +158,7 @@ def test_estimator_with_unavailable_device_raises_clearly():
 
     X, y = load_digits(return_X_y=True)
     with pytest.raises(ValueError, match="Apple MPS is not available"):
-        DeepQuantizer(n_subspaces=2, n_codewords=4, max_epochs=1,
+        DeepQuantizer(n_codebooks=2, n_codewords=4, max_iter=1,
                       device="mps").fit(X[:40], y[:40])
 
 
@@ -168,7 +168,7 @@ def test_hidden_layer_sizes_next_to_a_backbone_warns():
     from skquant import DeepQuantizer
 
     X, y = load_digits(return_X_y=True)
-    common = dict(n_subspaces=2, n_codewords=4, max_epochs=1, random_state=0,
+    common = dict(n_codebooks=2, n_codewords=4, max_iter=1, random_state=0,
                   backbone=torch.nn.Linear(64, 16))
     with pytest.warns(UserWarning, match=r"hidden_layer_sizes=\(32,\) is ignored"):
         DeepQuantizer(hidden_layer_sizes=(32,), **common).fit(X[:40], y[:40])
@@ -183,7 +183,7 @@ def test_verbose_lines_show_progress_and_time_left(capsys):
     from skquant import DeepQuantizer
 
     X, y = load_digits(return_X_y=True)
-    DeepQuantizer(n_subspaces=2, n_codewords=4, max_epochs=3, warmup_epochs=1,
+    DeepQuantizer(n_codebooks=2, n_codewords=4, max_iter=3, warmup_epochs=1,
                   random_state=0, verbose=1).fit(X[:60], y[:60])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if " epoch " in ln]
     assert [ln.split(",")[0] for ln in lines] == [
@@ -379,7 +379,7 @@ def _toy_problem(seed=0, epochs=5, **kwargs):
             return loss, {"similarity": float(loss.detach())}
 
         history = []
-        n = train_epochs(net, opt, len(X), batch_loss, max_epochs=epochs,
+        n = train_epochs(net, opt, len(X), batch_loss, max_iter=epochs,
                          batch_size=16, generator=gen, history=history, **kwargs)
     return net, history, n, X
 
@@ -406,7 +406,7 @@ def test_train_epochs_non_finite_loss_raises_clear_error():
         return net(torch.ones(len(idx), 2)).sum() * float("nan"), {}
 
     with pytest.raises(FloatingPointError, match="smaller learning_rate"):
-        train_epochs(net, opt, 8, batch_loss, max_epochs=2, batch_size=4,
+        train_epochs(net, opt, 8, batch_loss, max_iter=2, batch_size=4,
                      generator=make_generator(0))
 
 
@@ -427,7 +427,7 @@ def test_train_epochs_keyboard_interrupt_keeps_last_epoch():
 
     history = []
     with pytest.warns(UserWarning, match="interrupted during epoch 3"):
-        n = train_epochs(net, opt, 8, batch_loss, max_epochs=5, batch_size=4,
+        n = train_epochs(net, opt, 8, batch_loss, max_iter=5, batch_size=4,
                          generator=make_generator(0), history=history,
                          on_epoch_begin=on_epoch_begin)
     assert n == 2 and len(history) == 2

@@ -29,11 +29,11 @@ N_SAMPLES = 128
 BATCH_SIZE = 32  # 4 batches per epoch
 
 COMMON = dict(
-    n_codewords=8, embedding_dim=8, max_epochs=3, warmup_epochs=1,
+    n_codewords=8, embedding_dim=8, max_iter=3, warmup_epochs=1,
     batch_size=BATCH_SIZE, device="cpu", random_state=0,
 )
 FACTORIES = {
-    "DQN": lambda **kw: DeepQuantizer(**{"n_subspaces": 2, **COMMON, **kw}),
+    "DQN": lambda **kw: DeepQuantizer(**{"n_codebooks": 2, **COMMON, **kw}),
     "DSQ": lambda **kw: SphericalQuantizer(**{"n_codebooks": 2, **COMMON, **kw}),
 }
 DEEP = list(FACTORIES)
@@ -152,7 +152,7 @@ class ConstantBackbone(nn.Module):
 @pytest.mark.parametrize("name", DEEP)
 def test_collapsed_network_warns_convergence(name, data):
     X, y = data
-    est = FACTORIES[name](backbone=ConstantBackbone(), max_epochs=4)
+    est = FACTORIES[name](backbone=ConstantBackbone(), max_iter=4)
     with pytest.warns(ConvergenceWarning, match="1 distinct code for 10 classes"):
         est.fit(X, y)
     assert len(np.unique(est.codes_, axis=0)) == 1
@@ -163,7 +163,7 @@ def test_healthy_fit_does_not_warn(name, data):
     X, y = data
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        FACTORIES[name](max_epochs=6).fit(X, y)
+        FACTORIES[name](max_iter=6).fit(X, y)
 
 
 def test_collapse_reasons_loss_never_decreasing():
@@ -197,7 +197,7 @@ def test_collapse_reasons_loss_never_decreasing():
 # KeyboardInterrupt
 def _fit_reference(name, data, n_epochs):
     X, y = data
-    return FACTORIES[name](backbone=FaultyBackbone(), max_epochs=n_epochs).fit(X, y)
+    return FACTORIES[name](backbone=FaultyBackbone(), max_iter=n_epochs).fit(X, y)
 
 
 @pytest.mark.parametrize("name", DEEP)
@@ -207,7 +207,7 @@ def test_keyboard_interrupt_keeps_last_completed_epoch(name, interrupt_at, compl
     X, y = data
     est = FACTORIES[name](
         backbone=FaultyBackbone(fail_at=interrupt_at, error=KeyboardInterrupt()),
-        max_epochs=6,
+        max_iter=6,
     )
     with pytest.warns(
         UserWarning,
@@ -253,7 +253,7 @@ def test_keyboard_interrupt_during_codebook_refit(data, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(_dqn, "fit_subspace_codebooks", interrupted)
-    est = FACTORIES["DQN"](max_epochs=4, codebook_update_period=1)
+    est = FACTORIES["DQN"](max_iter=4, codebook_update_period=1)
     with pytest.warns(UserWarning, match=r"interrupted during epoch 3"):
         est.fit(X, y)
     assert est.n_iter_ == 2

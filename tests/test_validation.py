@@ -24,19 +24,19 @@ N_SAMPLES = 120
 # Tiny, fast settings: these tests check validation, not quality.
 FACTORIES = {
     "PQ": lambda **kw: ProductQuantizer(
-        **{"n_subspaces": 4, "n_codewords": 8, "random_state": 0, **kw}
+        **{"n_codebooks": 4, "n_codewords": 8, "random_state": 0, **kw}
     ),
     "DQN": lambda **kw: DeepQuantizer(
         **{
-            "n_subspaces": 2, "n_codewords": 8, "embedding_dim": 8,
-            "hidden_layer_sizes": (16,), "max_epochs": 2, "warmup_epochs": 1,
+            "n_codebooks": 2, "n_codewords": 8, "embedding_dim": 8,
+            "hidden_layer_sizes": (16,), "max_iter": 2, "warmup_epochs": 1,
             "batch_size": 64, "device": "cpu", "random_state": 0, **kw,
         }
     ),
     "DSQ": lambda **kw: SphericalQuantizer(
         **{
             "n_codebooks": 2, "n_codewords": 8, "embedding_dim": 8,
-            "hidden_layer_sizes": (16,), "max_epochs": 2, "warmup_epochs": 1,
+            "hidden_layer_sizes": (16,), "max_iter": 2, "warmup_epochs": 1,
             "batch_size": 64, "device": "cpu", "random_state": 0, **kw,
         }
     ),
@@ -297,10 +297,10 @@ def test_y_2d_not_an_indicator(name, data, fitted):
 # --------------------------------------------------------------------------
 # Hyper-parameters against the data
 @pytest.mark.parametrize("name", PRODUCT)
-def test_n_subspaces_must_divide_dimension(name, data):
+def test_n_codebooks_must_divide_dimension(name, data):
     X, y = data
-    with pytest.raises(ValueError, match="n_subspaces=3 must divide|divisible by n_subspaces=3"):
-        FACTORIES[name](n_subspaces=3).fit(X, y)
+    with pytest.raises(ValueError, match="n_codebooks=3 must divide|divisible by n_codebooks=3"):
+        FACTORIES[name](n_codebooks=3).fit(X, y)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -120,7 +120,7 @@ class DeepQuantizer(BaseQuantizer):
     Learns a neural embedding jointly with block-diagonal
     product-quantization codebooks on it (the quantization loss
     ``||z - C h||^2`` makes the embedding easy to quantize). Items are stored
-    as ``n_subspaces`` codes of ``log2(n_codewords)`` bits each and searched
+    as ``n_codebooks`` codes of ``log2(n_codewords)`` bits each and searched
     by asymmetric quantizer distance (AQD): the query's embedding is exact,
     the database is quantized.
 
@@ -149,12 +149,12 @@ class DeepQuantizer(BaseQuantizer):
 
     Parameters
     ----------
-    n_subspaces : int, default=4
+    n_codebooks : int, default=4
         Number of sub-spaces (codebooks) ``M``; must divide ``embedding_dim``.
-        Code length is ``n_subspaces * log2(n_codewords)`` bits.
+        Code length is ``n_codebooks * log2(n_codewords)`` bits.
     n_codewords : int, default=256
         Codewords per sub-space ``K``; at most the number of training samples.
-        For 12-bit codes use e.g. ``n_subspaces=2, n_codewords=64``.
+        For 12-bit codes use e.g. ``n_codebooks=2, n_codewords=64``.
     embedding_dim : int, default=64
         Dimension ``D`` of the embedding (the bottleneck, 300 in the paper).
     backbone : torch.nn.Module, default=None
@@ -195,8 +195,9 @@ class DeepQuantizer(BaseQuantizer):
         Learn the codebooks jointly with the network (DQN). ``False`` learns
         the embedding with the similarity loss alone, then quantizes it with
         OPQ (the paper's two-step DQN_2+ ablation); ``rotation_`` is then set.
-    max_epochs : int, default=60
-        Training epochs (passes over the training set).
+    max_iter : int, default=60
+        Training epochs (passes over the training set), as ``max_iter`` of
+        :class:`~sklearn.neural_network.MLPClassifier`.
     warmup_epochs : int, default=10
         Epochs on the similarity loss alone before the first codebook fit.
     codebook_update_period : int, default=2
@@ -247,7 +248,7 @@ class DeepQuantizer(BaseQuantizer):
         with ``input_shape``), with statistics of the training data.
     device_ : torch.device
         Device the network was trained on.
-    codebooks_ : ndarray of shape (n_subspaces, n_codewords, embedding_dim // n_subspaces)
+    codebooks_ : ndarray of shape (n_codebooks, n_codewords, embedding_dim // n_codebooks)
         Sub-space codebooks (float32).
     rotation_ : ndarray of shape (embedding_dim, embedding_dim) or None
         OPQ rotation (only with ``joint=False``).
@@ -255,7 +256,7 @@ class DeepQuantizer(BaseQuantizer):
         What the search ranks by: inner-product AQD for ``loss="posterior"``
         (:meth:`kneighbors` reports ``1 - <z_q, C h>``), the paper's
         Euclidean AQD otherwise.
-    codes_ : ndarray of shape (n_samples_fit, n_subspaces)
+    codes_ : ndarray of shape (n_samples_fit, n_codebooks)
         Codes of the indexed database (uint8 when ``n_codewords <= 256``).
     database_labels_ : ndarray or None
         Labels of the indexed items (for :meth:`score`).
@@ -348,7 +349,7 @@ class DeepQuantizer(BaseQuantizer):
     >>> from sklearn.datasets import load_digits
     >>> from skquant._deep._dqn import DeepQuantizer
     >>> X, y = load_digits(return_X_y=True)
-    >>> dqn = DeepQuantizer(n_subspaces=2, n_codewords=16, max_epochs=5,
+    >>> dqn = DeepQuantizer(n_codebooks=2, n_codewords=16, max_iter=5,
     ...                     warmup_epochs=2, device="cpu", random_state=0)
     >>> dqn.fit(X[:500], y[:500]).encode(X[:2]).shape
     (2, 2)
@@ -360,7 +361,7 @@ class DeepQuantizer(BaseQuantizer):
     _parameter_constraints = {
         **BaseQuantizer._parameter_constraints,
         **NETWORK_PARAMETER_CONSTRAINTS,
-        "n_subspaces": [Interval(Integral, 1, None, closed="left")],
+        "n_codebooks": [Interval(Integral, 1, None, closed="left")],
         "n_codewords": [Interval(Integral, 1, 2**16, closed="both")],
         "loss": [StrOptions(set(_LOSSES))],
         "quantization_weight": [Interval(Real, 0, None, closed="left")],
@@ -373,7 +374,7 @@ class DeepQuantizer(BaseQuantizer):
 
     def __init__(
         self,
-        n_subspaces=4,
+        n_codebooks=4,
         n_codewords=256,
         *,
         embedding_dim=64,
@@ -385,7 +386,7 @@ class DeepQuantizer(BaseQuantizer):
         temperature=2.0,
         tie_break=0.1,
         joint=True,
-        max_epochs=60,
+        max_iter=60,
         warmup_epochs=10,
         codebook_update_period=2,
         batch_size=128,
@@ -401,7 +402,7 @@ class DeepQuantizer(BaseQuantizer):
         n_lists=None,
         n_probe=8,
     ):
-        self.n_subspaces = n_subspaces
+        self.n_codebooks = n_codebooks
         self.n_codewords = n_codewords
         self.embedding_dim = embedding_dim
         self.backbone = backbone
@@ -412,7 +413,7 @@ class DeepQuantizer(BaseQuantizer):
         self.temperature = temperature
         self.tie_break = tie_break
         self.joint = joint
-        self.max_epochs = max_epochs
+        self.max_iter = max_iter
         self.warmup_epochs = warmup_epochs
         self.codebook_update_period = codebook_update_period
         self.batch_size = batch_size
@@ -436,14 +437,14 @@ class DeepQuantizer(BaseQuantizer):
                 "hidden_layer_sizes must be a tuple of positive ints, got "
                 f"{self.hidden_layer_sizes!r}."
             )
-        if self.embedding_dim % self.n_subspaces != 0:
+        if self.embedding_dim % self.n_codebooks != 0:
             raise ValueError(
                 f"embedding_dim={self.embedding_dim} must be divisible by "
-                f"n_subspaces={self.n_subspaces}: the embedding is cut into "
-                "n_subspaces equal blocks."
+                f"n_codebooks={self.n_codebooks}: the embedding is cut into "
+                "n_codebooks equal blocks."
             )
         check_codebook_size(
-            n_samples, self.embedding_dim, self.n_subspaces, self.n_codewords
+            n_samples, self.embedding_dim, self.n_codebooks, self.n_codewords
         )
         name = type(self).__name__
         labels = prepare_labels(y, estimator_name=name)
@@ -453,7 +454,7 @@ class DeepQuantizer(BaseQuantizer):
         posterior = self.loss == "posterior"
         similarity_loss = _SIMILARITY_LOSSES.get(self.loss)
         weight = float(self.quantization_weight) if self.joint else 0.0
-        M, K = self.n_subspaces, self.n_codewords
+        M, K = self.n_codebooks, self.n_codewords
 
         # Writeable: torch warns when wrapping read-only memory (joblib memmaps).
         # Dense X: one float32 tensor; sparse X: CSR rows densified one
@@ -531,7 +532,7 @@ class DeepQuantizer(BaseQuantizer):
                 optimizer,
                 n_samples,
                 batch_loss,
-                max_epochs=self.max_epochs,
+                max_iter=self.max_iter,
                 batch_size=self.batch_size,
                 generator=generator,
                 estimator_name=name,

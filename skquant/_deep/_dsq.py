@@ -142,9 +142,9 @@ class SphericalQuantizer(BaseQuantizer):
         on by default). Off here: see Notes.
     warmup_epochs : int, default=5
         Epochs of classification-only training before the codebooks are
-        first fitted (a value ``>= max_epochs`` gives the two-step baseline:
+        first fitted (a value ``>= max_iter`` gives the two-step baseline:
         train the network, then quantize).
-    max_epochs : int, default=50
+    max_iter : int, default=50
         Total training epochs (warm-up included).
     batch_size : int, default=128
     learning_rate : float, default=1e-3
@@ -301,13 +301,17 @@ class SphericalQuantizer(BaseQuantizer):
     >>> from skquant import SphericalQuantizer
     >>> X, y = load_digits(return_X_y=True)
     >>> dsq = SphericalQuantizer(n_codebooks=2, n_codewords=16, embedding_dim=16,
-    ...                          max_epochs=5, warmup_epochs=2, random_state=0)
+    ...                          max_iter=5, warmup_epochs=2, random_state=0)
     >>> dsq.fit(X[:500], y[:500]).encode(X[500:502]).shape
     (2, 2)
     >>> dist, ind = dsq.kneighbors(X[500:501], n_neighbors=3)
     >>> ind.shape
     (1, 3)
     """
+
+    # Pickles from before loss="posterior" were trained with the paper's
+    # objective.
+    _legacy_parameter_values = {"loss": "dsq"}
 
     _parameter_constraints = {
         **BaseQuantizer._parameter_constraints,
@@ -344,7 +348,7 @@ class SphericalQuantizer(BaseQuantizer):
         temperature=2.0,
         tie_break=0.0,
         warmup_epochs=5,
-        max_epochs=50,
+        max_iter=50,
         batch_size=128,
         learning_rate=1e-3,
         weight_decay=0.0,
@@ -374,7 +378,7 @@ class SphericalQuantizer(BaseQuantizer):
         self.temperature = temperature
         self.tie_break = tie_break
         self.warmup_epochs = warmup_epochs
-        self.max_epochs = max_epochs
+        self.max_iter = max_iter
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -544,7 +548,7 @@ class SphericalQuantizer(BaseQuantizer):
                 optimizer,
                 X.shape[0],
                 batch_loss,
-                max_epochs=self.max_epochs,
+                max_iter=self.max_iter,
                 batch_size=self.batch_size,
                 generator=make_generator(seed),
                 estimator_name=name,

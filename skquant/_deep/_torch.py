@@ -76,7 +76,7 @@ NETWORK_PARAMETER_CONSTRAINTS = {
     "backbone": [None, torch.nn.Module],
     "hidden_layer_sizes": ["array-like"],
     "input_shape": [None, "array-like"],
-    "max_epochs": [Interval(Integral, 1, None, closed="left")],
+    "max_iter": [Interval(Integral, 1, None, closed="left")],
     "warmup_epochs": [Interval(Integral, 0, None, closed="left")],
     "batch_size": [Interval(Integral, 2, None, closed="left")],
     "learning_rate": [Interval(Real, 0, None, closed="neither")],
@@ -901,7 +901,7 @@ def train_epochs(
     n_samples,
     batch_loss,
     *,
-    max_epochs,
+    max_iter,
     batch_size,
     generator,
     estimator_name="estimator",
@@ -924,7 +924,7 @@ def train_epochs(
         tensor to minimise and ``parts`` a dict of named float components
         (e.g. ``{"similarity": 0.3, "quantization": 0.01}``) that are averaged
         over the epoch (weighted by batch size) and logged.
-    max_epochs : int
+    max_iter : int
         Number of epochs to run.
     batch_size : int
     generator : torch.Generator
@@ -943,12 +943,12 @@ def train_epochs(
         Number of the first epoch (for messages when called in phases).
     total_epochs : int, default=None
         Epochs of the whole fit, for the ``epoch 3/60`` and time-left parts
-        of verbose lines; ``first_epoch + max_epochs`` when None.
+        of verbose lines; ``first_epoch + max_iter`` when None.
 
     Returns
     -------
     n_completed : int
-        Epochs completed. Less than ``max_epochs`` only when interrupted by
+        Epochs completed. Less than ``max_iter`` only when interrupted by
         ``KeyboardInterrupt``: the weights of the last completed epoch are
         restored and a warning is emitted, so the caller can finish fitting.
 
@@ -961,11 +961,11 @@ def train_epochs(
         Re-raised with a hint to lower ``batch_size``.
     """
     history = [] if history is None else history
-    n_total = first_epoch + max_epochs if total_epochs is None else int(total_epochs)
+    n_total = first_epoch + max_iter if total_epochs is None else int(total_epochs)
     last_good = _snapshot(module)
     completed = 0
     started = time.perf_counter()
-    for e in range(max_epochs):
+    for e in range(max_iter):
         epoch = first_epoch + e
         tic = time.perf_counter()
         try:
