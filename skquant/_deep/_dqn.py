@@ -347,7 +347,7 @@ class DeepQuantizer(BaseQuantizer):
     Examples
     --------
     >>> from sklearn.datasets import load_digits
-    >>> from skquant._deep._dqn import DeepQuantizer
+    >>> from skquant import DeepQuantizer
     >>> X, y = load_digits(return_X_y=True)
     >>> dqn = DeepQuantizer(n_codebooks=2, n_codewords=16, max_iter=5,
     ...                     warmup_epochs=2, device="cpu", random_state=0)
