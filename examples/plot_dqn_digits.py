@@ -3,9 +3,10 @@
 Deep Quantization Network (DQN) on digits, against PQ and OPQ
 ==============================================================
 
-:class:`~skquant.DeepQuantizer` learns a neural embedding in which images of
-the same digit point in the same direction (pairwise cosine loss) together
-with product-quantization codebooks on that embedding, so that each image is
+:class:`~skquant.DeepQuantizer` learns a neural embedding -- by default its
+own classifier's class posterior (``loss="posterior"``; ``loss="cosine"`` is
+the paper's pairwise cosine loss) -- together with product-quantization
+codebooks on that embedding, so that each image is
 stored in 4 bytes (32 bits: 4 sub-spaces x 256 codewords) and searched by
 asymmetric quantizer distance. :class:`~skquant.ProductQuantizer` compresses
 the raw pixels to the same 32 bits without using labels (PQ, and OPQ with a
@@ -59,12 +60,14 @@ for name, model in models.items():
     )
 
 # %%
-# The training history: the similarity loss during the warm-up, then the
-# similarity and quantization losses once the codebooks are fit.
+# The training history: the network's own loss (cross-entropy by default,
+# the pairwise cosine loss with ``loss="cosine"``) during the warm-up, then
+# with the quantization loss once the codebooks are fit.
 dqn = models["DQN"]
 epochs = [h["epoch"] for h in dqn.history_]
 fig, ax = plt.subplots(figsize=(5, 3.5))
-ax.plot(epochs, [h["similarity"] for h in dqn.history_], label="cosine loss")
+main_loss = "similarity" if dqn.loss in ("cosine", "inner_product") else "cross_entropy"
+ax.plot(epochs, [h[main_loss] for h in dqn.history_], label=main_loss.replace("_", "-"))
 ax.plot(
     epochs,
     [h.get("quantization", np.nan) for h in dqn.history_],
