@@ -105,16 +105,16 @@ def test_deep_quantizer_to_faiss(digits):
     _assert_same_neighbors(dqn, queries, np.sqrt(np.maximum(dist_f, 0)), ind_f, distances)
 
 
-def test_spherical_quantizer_to_faiss(digits):
+def _spherical_quantizer(digits, **params):
     dsq_module = pytest.importorskip("skquant._deep._dsq")
     X, y = digits
-    dsq = dsq_module.SphericalQuantizer(
+    return dsq_module.SphericalQuantizer(
         n_codebooks=2, n_codewords=16, embedding_dim=16, hidden_layer_sizes=(32,),
-        max_epochs=3, warmup_epochs=1, device="cpu", random_state=0,
+        max_epochs=3, warmup_epochs=1, device="cpu", random_state=0, **params,
     ).fit(X[:1000], y[:1000])
-    index = dsq.to_faiss()
-    assert index.metric_type == faiss.METRIC_INNER_PRODUCT
-    queries = X[1000:1100]
+
+
+def _assert_same_inner_product_neighbors(dsq, index, queries):
     Z = dsq.transform(queries)
     scores, ind_f = index.search(Z, 10)
     database = dsq.decode(dsq.codes_).astype(np.float64)
@@ -124,6 +124,13 @@ def test_spherical_quantizer_to_faiss(digits):
         return np.maximum(1.0 - ip, 0.0)
 
     _assert_same_neighbors(dsq, queries, np.maximum(1.0 - scores, 0.0), ind_f, distances)
+
+
+def test_spherical_quantizer_to_faiss(digits):
+    dsq = _spherical_quantizer(digits)
+    index = dsq.to_faiss()
+    assert index.metric_type == faiss.METRIC_INNER_PRODUCT
+    _assert_same_inner_product_neighbors(dsq, index, digits[0][1000:1100])
 
 
 @pytest.mark.parametrize("factory", ["PQ8", "PQ8x4", "OPQ8,PQ8"])
@@ -191,13 +198,7 @@ def test_inverted_file_to_faiss(digits, rotation):
 
 
 def test_spherical_quantizer_inverted_file_to_faiss(digits):
-    dsq_module = pytest.importorskip("skquant._deep._dsq")
-    X, y = digits
-    dsq = dsq_module.SphericalQuantizer(
-        n_codebooks=2, n_codewords=16, embedding_dim=16, hidden_layer_sizes=(32,),
-        max_epochs=3, warmup_epochs=1, device="cpu", random_state=0,
-        n_lists=4, n_probe=2,
-    ).fit(X[:1000], y[:1000])
+    dsq = _spherical_quantizer(digits, n_lists=4, n_probe=2)
     index = dsq.to_faiss()  # never a flat index: the inverted file comes along
     assert isinstance(index, faiss.IndexIVFResidualQuantizer) and not index.by_residual
     assert index.metric_type == faiss.METRIC_INNER_PRODUCT
@@ -206,16 +207,7 @@ def test_spherical_quantizer_inverted_file_to_faiss(digits):
     cells = dsq.index_.assign_cells(dsq.codes_)
     np.testing.assert_array_equal(sizes, np.bincount(cells, minlength=4))
     assert min(sizes) > 10  # both probe exactly 2 cells
-    queries = X[1000:1100]
-    Z = dsq.transform(queries)
-    scores, ind_f = index.search(Z, 10)
-    database = dsq.decode(dsq.codes_).astype(np.float64)
-
-    def distances(_, items):
-        ip = (Z.astype(np.float64)[:, None] * database[items]).sum(-1)
-        return np.maximum(1.0 - ip, 0.0)
-
-    _assert_same_neighbors(dsq, queries, np.maximum(1.0 - scores, 0.0), ind_f, distances)
+    _assert_same_inner_product_neighbors(dsq, index, digits[0][1000:1100])
 
 
 def test_to_faiss_refuses_untrained_cells(digits):
