@@ -230,6 +230,12 @@ def _skip_sklearn_members(app, what, name, obj, skip, options):
     module = getattr(obj, "__module__", None) or ""
     if module.startswith("sklearn.") and name not in _SKLEARN_MEMBERS_SHOWN:
         return True
+    # QuantizerPipeline: Pipeline's own methods are documented by sklearn
+    # (and link to labels of its site); show only what skquant adds.
+    if module.startswith("sklearn.") and getattr(obj, "__qualname__", "").startswith(
+        "Pipeline."
+    ):
+        return True
     return None
 
 
