@@ -220,9 +220,8 @@ class BaseQuantizer(
             The estimator, with new ``coarse_centroids_``.
         """
         check_is_fitted(self)
-        if n_lists is not None:
-            self.set_params(n_lists=n_lists)
-        n_lists = getattr(self, "n_lists", None)
+        if n_lists is None:
+            n_lists = getattr(self, "n_lists", None)
         if n_lists is None:
             raise ValueError(
                 "train_inverted_file() needs n_lists: pass it, or set the "
@@ -231,6 +230,9 @@ class BaseQuantizer(
         if random_state is None:
             random_state = getattr(self, "random_state", None)
         self.index_.train_inverted_file(n_lists, random_state=random_state)
+        # Set only once the cells exist: a refused n_lists leaves the
+        # estimator as it was.
+        self.set_params(n_lists=n_lists)
         return self
 
     def add(self, X, y=None):

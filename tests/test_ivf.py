@@ -186,6 +186,9 @@ def test_estimator_few_probes_recall_and_semantics(blobs):
     ivf.train_inverted_file(n_lists=25)
     assert ivf.n_lists == 25 and ivf.coarse_centroids_.shape == (25, 16)
     ivf.kneighbors(queries)
+    with pytest.raises(ValueError, match="must be between 1"):
+        ivf.train_inverted_file(n_lists=len(X) + 1)
+    assert ivf.n_lists == 25 and ivf.coarse_centroids_.shape == (25, 16)
 
 
 def test_estimator_index_add_and_pickle_reuse_cells(blobs, monkeypatch):
