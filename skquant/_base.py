@@ -33,6 +33,11 @@ from ._index import QuantizedIndex, rows_per_chunk
 from ._persistence import _VersionedPickleMixin
 from ._progress import Progress
 
+# index() retrains the cells of an inverted file when the new database holds
+# at least this many times the items the cells were trained on: cells fitted
+# on a small (labelled) training sample of a far larger database are uneven.
+_RETRAIN_CELLS_GROWTH = 4
+
 
 def _check_labels(y, n_samples):
     """Validate retrieval labels: 1-D class labels or a 2-D 0/1 indicator.
@@ -150,10 +155,11 @@ class BaseQuantizer(
             # (CPU-dependent) must not pass silently.
             warn_if_collapsed(self, codes, y)
         self._set_index(codes, y)
-        if getattr(self, "n_lists", None) is not None:
-            self.index_.train_inverted_file(
-                self.n_lists, random_state=getattr(self, "random_state", None)
-            )
+        n_lists = getattr(self, "n_lists", None)
+        if n_lists is not None and n_lists <= len(codes):
+            # More cells than training items: the cells wait for a database
+            # large enough (index() trains them, or train_inverted_file()).
+            self.train_inverted_file()
         return self
 
     def index(self, X, y=None):
@@ -170,10 +176,68 @@ class BaseQuantizer(
         -------
         self : object
             The estimator, with ``codes_`` and ``n_samples_fit_`` replaced.
+
+        Notes
+        -----
+        With an inverted file (``n_lists``), the coarse quantizer is retrained
+        on the new database (:meth:`train_inverted_file`) when it holds at
+        least ``4`` times as many items as the cells were trained on, or
+        when no cells of ``n_lists`` exist yet (``n_lists`` larger than the
+        training set, or changed since). Otherwise the cells are kept and
+        only the items are assigned to them: a database drawn like the
+        training set is served well by its cells, while cells fitted on a
+        small labelled sample of a far larger database are uneven (a few
+        huge cells, slow and imprecise probes).
         """
         check_is_fitted(self)
         X, y = self._validate_input(X, y, reset=False)
         self.index_.replace(self._encode_rows(X), y)
+        n_lists = getattr(self, "n_lists", None)
+        if n_lists is not None and n_lists <= self.index_.n_items:
+            trained = self.index_.n_items_trained
+            if (self.index_.n_lists != n_lists or trained is None
+                    or self.index_.n_items >= _RETRAIN_CELLS_GROWTH * trained):
+                self.train_inverted_file()
+        return self
+
+    def train_inverted_file(self, n_lists=None, random_state=None):
+        """(Re)train the coarse quantizer of the inverted file on the database.
+
+        k-means on the reconstructions of (a sample of) the indexed items; the
+        codes and the model are kept, so no refit is needed. Use it after
+        changing ``n_lists`` with ``set_params``, or to fit the cells to a
+        database indexed with :meth:`add`. :meth:`index` calls it by itself
+        when the database is far larger than the cells' training set.
+
+        Parameters
+        ----------
+        n_lists : int, default=None
+            Number of cells, at most the number of indexed items. None uses
+            the estimator's ``n_lists``; an int also sets ``n_lists`` (as
+            ``set_params(n_lists=...)`` would), so that searches probe it.
+        random_state : int, RandomState instance or None, default=None
+            Seed of the sample and of k-means; None uses the estimator's
+            ``random_state`` when it has one.
+
+        Returns
+        -------
+        self : object
+            The estimator, with new ``coarse_centroids_``.
+        """
+        check_is_fitted(self)
+        if n_lists is None:
+            n_lists = getattr(self, "n_lists", None)
+        if n_lists is None:
+            raise ValueError(
+                "train_inverted_file() needs n_lists: pass it, or set the "
+                "estimator's n_lists."
+            )
+        if random_state is None:
+            random_state = getattr(self, "random_state", None)
+        self.index_.train_inverted_file(n_lists, random_state=random_state)
+        # Set only once the cells exist: a refused n_lists leaves the
+        # estimator as it was.
+        self.set_params(n_lists=n_lists)
         return self
 
     def add(self, X, y=None):
@@ -482,9 +546,12 @@ class BaseQuantizer(
         if self.index_.n_lists != n_lists:
             trained = self.index_.n_lists or 0
             raise ValueError(
-                f"n_lists={n_lists} but the coarse quantizer was trained with "
-                f"{trained} cells: call fit again after changing n_lists (n_probe "
-                f"can change at any time)."
+                f"n_lists={n_lists} but the coarse quantizer has {trained} cells "
+                f"(n_lists changed since the cells were trained, or exceeds the "
+                f"{self.index_.n_items} indexed items): call train_inverted_file() "
+                f"(no refit needed; n_lists is at most the number of indexed "
+                f"items), or index() a database of at least n_lists items. "
+                f"n_probe can change at any time."
             )
         return self.n_probe
 

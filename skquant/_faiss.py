@@ -97,6 +97,27 @@ def _ivf_pq(faiss, estimator, coarse, rotation, n_bits, faiss_metric):
     return index
 
 
+def _ivf_rq(faiss, coarse, codebooks, n_bits):
+    """An empty IndexIVFResidualQuantizer on direct (non-residual) additive
+    codes, inner product, with skquant's cells."""
+    n_codebooks, _, dim = codebooks.shape
+    # skquant's inner-product cells: best centroid = largest <x, c>.
+    coarse_index = faiss.IndexFlatIP(dim)
+    coarse_index.add(np.ascontiguousarray(coarse, dtype=np.float32))
+    index = faiss.IndexIVFResidualQuantizer(
+        coarse_index, dim, len(coarse), n_codebooks, n_bits,
+        faiss.METRIC_INNER_PRODUCT, faiss.AdditiveQuantizer.ST_LUT_nonorm,
+    )
+    index.referenced_objects = [coarse_index]  # faiss does not own the quantizer
+    # Direct codes of the items (skquant does not encode residuals), scored by
+    # <q, x_hat> from lookup tables, as the flat IndexResidualQuantizer.
+    index.by_residual = False
+    faiss.copy_array_to_vector(codebooks.ravel(), index.rq.codebooks)
+    index.rq.is_trained = True
+    index.is_trained = True
+    return index
+
+
 def _fill_inverted_lists(faiss, estimator, index, codes, n_bits):
     packed = _pack_codes(faiss, codes, n_bits)
     cells = estimator.index_.assign_cells(np.asarray(codes))
@@ -134,7 +155,14 @@ def to_faiss(estimator):
           probes more when they hold fewer than ``n_neighbors`` items;
         * additive codebooks with inner product: ``faiss.IndexResidualQuantizer``
           with ``METRIC_INNER_PRODUCT`` and ``ST_LUT_nonorm`` (``search``
-          returns ``<z_q, x_hat>``, i.e. ``1 - distance`` of ``kneighbors``).
+          returns ``<z_q, x_hat>``, i.e. ``1 - distance`` of ``kneighbors``);
+          ``faiss.IndexIVFResidualQuantizer`` with ``by_residual=False``, the
+          same cells and ``nprobe = n_probe`` when it has an inverted file.
+
+        An estimator with ``n_lists`` is always exported with its inverted
+        file: when its cells are not trained yet (``n_lists`` changed, or
+        larger than the items indexed so far), a ``ValueError`` asks for
+        :meth:`train_inverted_file` instead of a flat index being returned.
 
         Queries must be embedded first: ``index.search(estimator.transform(X), k)``.
         The faiss index is a copy: later ``index``/``add`` calls on the
@@ -151,6 +179,15 @@ def to_faiss(estimator):
 
     rotation = getattr(estimator, "rotation_", None)
     coarse = getattr(estimator, "coarse_centroids_", None)
+    n_lists = getattr(estimator, "n_lists", None)
+    if n_lists is not None and (coarse is None or len(coarse) != n_lists):
+        # Never export a flat index for an estimator that searches cells.
+        trained = 0 if coarse is None else len(coarse)
+        raise ValueError(
+            f"{type(estimator).__name__} has n_lists={n_lists} but its coarse "
+            f"quantizer has {trained} cells: call train_inverted_file() before "
+            f"to_faiss(), or set n_lists=None to export a flat index."
+        )
     if isinstance(quantizer, ProductCodebooks):
         dim = n_codebooks * sub_dim
         faiss_metric = faiss.METRIC_L2 if metric == "euclidean" else faiss.METRIC_INNER_PRODUCT
@@ -166,6 +203,13 @@ def to_faiss(estimator):
             _fill_codes(faiss, index, codes, n_bits)
         else:
             _fill_inverted_lists(faiss, estimator, index, codes, n_bits)
+    elif isinstance(quantizer, AdditiveCodebooks) and metric == "inner_product" and (
+        coarse is not None
+    ):
+        dim = sub_dim
+        index = _ivf_rq(faiss, coarse, padded, n_bits)
+        index.nprobe = int(getattr(estimator, "n_probe", 1))
+        _fill_inverted_lists(faiss, estimator, index, codes, n_bits)
     elif isinstance(quantizer, AdditiveCodebooks) and metric == "inner_product":
         dim = sub_dim
         index = faiss.IndexResidualQuantizer(

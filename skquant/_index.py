@@ -139,6 +139,10 @@ class QuantizedIndex:
         self._set_codes(codes, labels)
         self._coarse_centroids = coarse_centroids
         self._cells = cells
+        # Items the coarse quantizer was last trained on (None: unknown, e.g.
+        # centroids set directly or read from an old pickle); the estimators
+        # retrain the cells when the database grows far past it.
+        self.n_items_trained = None
 
     def _set_codes(self, codes, labels):
         self.codes = np.asfortranarray(codes)
@@ -169,6 +173,7 @@ class QuantizedIndex:
             self._coarse_centroids = centroids
             self._cells = None
             self._lists = None
+            self.n_items_trained = None
 
     # ------------------------------------------------------------------ content
     def replace(self, codes, labels=None):
@@ -199,7 +204,18 @@ class QuantizedIndex:
         """Train the coarse quantizer: k-means on the items' reconstructions.
 
         k-means samples a bounded number of items per cell, so only those are
-        decoded. Returns self.
+        decoded. The cells of every item are recomputed on the next search.
+
+        Parameters
+        ----------
+        n_lists : int
+            Number of cells, ``1 <= n_lists <= n_items``.
+        random_state : int, RandomState instance or None, default=None
+            Seed of the sample and of k-means.
+
+        Returns
+        -------
+        self : QuantizedIndex
         """
         n_items = self.n_items
         seed = seed_of(random_state)
@@ -212,6 +228,7 @@ class QuantizedIndex:
             self.quantizer.decode(self.codes[sample]), n_lists,
             metric=self.quantizer.metric, random_state=seed,
         )
+        self.n_items_trained = n_items
         return self
 
     def assign_cells(self, codes):
@@ -257,8 +274,9 @@ class QuantizedIndex:
         n_neighbors : int
             Results per query, ``1 <= n_neighbors <= n_items``.
         n_probe : int, default=None
-            Cells scanned per query through the inverted file; None scans the
-            whole database.
+            Cells scanned per query through the inverted file; None, or
+            ``n_probe >= n_lists``, scans the whole database with the
+            exhaustive kernel.
         n_jobs : int, default=None
             Threads (or joblib workers) of the scan.
 
@@ -270,6 +288,11 @@ class QuantizedIndex:
             Item indices; equal distances ordered by lower index.
         """
         tables = self.quantizer.lookup_tables(queries)
+        if n_probe is not None and n_probe >= self.n_lists:
+            # Probing every cell is the exhaustive search: the exhaustive
+            # kernel gives the same results (same float64 re-sum, same
+            # tie order) without the cell bookkeeping, so it is never slower.
+            n_probe = None
         if n_probe is None:
             sums, indices = aqd_search(
                 tables, self.codes, n_neighbors, n_jobs=n_jobs, layout=self.scan_layout()
@@ -288,10 +311,12 @@ class QuantizedIndex:
         with self._lock:
             cells = self._lists.assignments if self._lists is not None else self._cells
         return {"quantizer": self.quantizer, "codes": self.codes, "labels": self.labels,
-                "coarse_centroids": self._coarse_centroids, "cells": cells}
+                "coarse_centroids": self._coarse_centroids, "cells": cells,
+                "n_items_trained": self.n_items_trained}
 
     def __setstate__(self, state):
         self.__init__(
             state["quantizer"], state["codes"], state["labels"],
             coarse_centroids=state["coarse_centroids"], cells=state["cells"],
         )
+        self.n_items_trained = state.get("n_items_trained")

@@ -49,14 +49,17 @@ class ProductQuantizer(BaseQuantizer):
     n_lists : int, default=None
         Non-exhaustive search: number of cells of an inverted file (coarse
         k-means on the reconstructions of the indexed items, trained by
-        :meth:`fit`); a query scans only the items of its ``n_probe`` nearest
-        cells. ``None`` scans the whole database. About ``sqrt(n_samples)`` to
-        ``4 * sqrt(n_samples)`` is a good start for large databases.
+        :meth:`fit`, retrained by :meth:`index` on a database of at least 4
+        times as many items and on request by :meth:`train_inverted_file`);
+        a query scans only the items of its ``n_probe`` nearest cells.
+        ``None`` scans the whole database. At most the number of indexed
+        items (not of training items); about ``sqrt(n_samples)`` to
+        ``4 * sqrt(n_samples)`` of the database is a good start.
     n_probe : int, default=8
         Cells scanned per query when ``n_lists`` is set (more when they hold
         fewer than ``n_neighbors`` items). Trades speed for recall; can be
         changed after fitting with :meth:`set_params`. ``n_probe >= n_lists``
-        gives exactly the exhaustive result.
+        runs the exhaustive search (bitwise the same result).
     random_state : int, RandomState instance or None, default=None
         Seeds k-means; pass an int for reproducible codebooks.
     verbose : int, default=0

@@ -121,16 +121,16 @@ def test_deep_quantizer_to_faiss(digits, loss):
     _assert_same_neighbors(dqn, queries, faiss_dist, ind_f, distances)
 
 
-def test_spherical_quantizer_to_faiss(digits):
+def _spherical_quantizer(digits, **params):
     dsq_module = pytest.importorskip("skquant._deep._dsq")
     X, y = digits
-    dsq = dsq_module.SphericalQuantizer(
+    return dsq_module.SphericalQuantizer(
         n_codebooks=2, n_codewords=16, embedding_dim=16, hidden_layer_sizes=(32,),
-        max_iter=3, warmup_epochs=1, device="cpu", random_state=0,
+        max_iter=3, warmup_epochs=1, device="cpu", random_state=0, **params,
     ).fit(X[:1000], y[:1000])
-    index = dsq.to_faiss()
-    assert index.metric_type == faiss.METRIC_INNER_PRODUCT
-    queries = X[1000:1100]
+
+
+def _assert_same_inner_product_neighbors(dsq, index, queries):
     Z = dsq.transform(queries)
     scores, ind_f = index.search(Z, 10)
     database = dsq.decode(dsq.codes_).astype(np.float64)
@@ -140,6 +140,13 @@ def test_spherical_quantizer_to_faiss(digits):
         return np.maximum(1.0 - ip, 0.0)
 
     _assert_same_neighbors(dsq, queries, np.maximum(1.0 - scores, 0.0), ind_f, distances)
+
+
+def test_spherical_quantizer_to_faiss(digits):
+    dsq = _spherical_quantizer(digits)
+    index = dsq.to_faiss()
+    assert index.metric_type == faiss.METRIC_INNER_PRODUCT
+    _assert_same_inner_product_neighbors(dsq, index, digits[0][1000:1100])
 
 
 @pytest.mark.parametrize("factory", ["PQ8", "PQ8x4", "OPQ8,PQ8"])
@@ -204,3 +211,29 @@ def test_inverted_file_to_faiss(digits, rotation):
     assert min(sizes) > 10
     dist_f, ind_f = index.search(test, 10)
     _assert_same_neighbors(pq, test, np.sqrt(np.maximum(dist_f, 0)), ind_f, _euclidean_aqd(pq))
+
+
+def test_spherical_quantizer_inverted_file_to_faiss(digits):
+    dsq = _spherical_quantizer(digits, n_lists=4, n_probe=2)
+    index = dsq.to_faiss()  # never a flat index: the inverted file comes along
+    assert isinstance(index, faiss.IndexIVFResidualQuantizer) and not index.by_residual
+    assert index.metric_type == faiss.METRIC_INNER_PRODUCT
+    assert index.nlist == 4 and index.nprobe == 2 and index.ntotal == 1000
+    sizes = [index.invlists.list_size(c) for c in range(4)]
+    cells = dsq.index_.assign_cells(dsq.codes_)
+    np.testing.assert_array_equal(sizes, np.bincount(cells, minlength=4))
+    assert min(sizes) > 10  # both probe exactly 2 cells
+    _assert_same_inner_product_neighbors(dsq, index, digits[0][1000:1100])
+
+
+def test_to_faiss_refuses_untrained_cells(digits):
+    X, _ = digits
+    pq = ProductQuantizer(n_codebooks=8, n_codewords=16, n_lists=8, random_state=0).fit(X[:500])
+    pq.set_params(n_lists=12)
+    with pytest.raises(ValueError, match="n_lists=12 but its coarse quantizer has 8 cells"):
+        pq.to_faiss()
+    index = faiss.downcast_index(pq.train_inverted_file().to_faiss())
+    assert isinstance(index, faiss.IndexIVFPQ) and index.nlist == 12
+    small = ProductQuantizer(n_codebooks=8, n_codewords=16, n_lists=600).fit(X[:500])
+    with pytest.raises(ValueError, match="has 0 cells: call train_inverted_file"):
+        small.to_faiss()

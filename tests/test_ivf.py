@@ -168,12 +168,27 @@ def test_estimator_few_probes_recall_and_semantics(blobs):
     # X=None never returns the item itself.
     self_ind = ivf.kneighbors(n_neighbors=5, return_distance=False)
     assert not np.any(self_ind == np.arange(len(X))[:, None])
-    # n_probe changes at query time; n_lists needs a refit.
+    # n_probe changes at query time; n_lists needs new cells, not a refit.
     ivf.set_params(n_probe=40)
     np.testing.assert_array_equal(ivf.kneighbors(queries, n_neighbors=10)[1], i_ex)
-    ivf.set_params(n_lists=10)
-    with pytest.raises(ValueError, match="call fit again"):
+    codes = ivf.codes_.copy()
+    ivf.set_params(n_lists=10, n_probe=2)
+    with pytest.raises(ValueError, match="call train_inverted_file"):
         ivf.kneighbors(queries)
+    ivf.train_inverted_file()
+    assert ivf.coarse_centroids_.shape == (10, 16)
+    np.testing.assert_array_equal(ivf.codes_, codes)  # the model was not refitted
+    refit = _pq(n_lists=10, n_probe=2, n_jobs=2).fit(X, y)
+    np.testing.assert_array_equal(ivf.coarse_centroids_, refit.coarse_centroids_)
+    np.testing.assert_array_equal(
+        ivf.kneighbors(queries, n_neighbors=10)[1], refit.kneighbors(queries, n_neighbors=10)[1]
+    )
+    ivf.train_inverted_file(n_lists=25)
+    assert ivf.n_lists == 25 and ivf.coarse_centroids_.shape == (25, 16)
+    ivf.kneighbors(queries)
+    with pytest.raises(ValueError, match="must be between 1"):
+        ivf.train_inverted_file(n_lists=len(X) + 1)
+    assert ivf.n_lists == 25 and ivf.coarse_centroids_.shape == (25, 16)
 
 
 def test_estimator_index_add_and_pickle_reuse_cells(blobs, monkeypatch):
@@ -211,8 +226,61 @@ def test_estimator_index_add_and_pickle_reuse_cells(blobs, monkeypatch):
 
 def test_estimator_n_lists_larger_than_database():
     X = np.random.default_rng(5).normal(size=(30, 4))
+    est = ProductQuantizer(n_codebooks=2, n_codewords=8, n_lists=50).fit(X)
+    # More cells than items: no cells yet, a clear error at search...
+    assert est.coarse_centroids_ is None
+    with pytest.raises(ValueError, match="exceeds the 30 indexed items"):
+        est.kneighbors(X[:2])
     with pytest.raises(ValueError, match="n_lists=50 must be between 1"):
-        ProductQuantizer(n_codebooks=2, n_codewords=8, n_lists=50).fit(X)
+        est.train_inverted_file()
+    # ... and a database of at least n_lists items trains them at index().
+    big = np.random.default_rng(6).normal(size=(200, 4))
+    est.index(big)
+    assert est.coarse_centroids_.shape == (50, 4)
+    assert est.kneighbors(big[:3], n_neighbors=5, return_distance=False).shape == (3, 5)
+    with pytest.raises(ValueError, match="needs n_lists"):
+        ProductQuantizer(n_codebooks=2, n_codewords=8).fit(X).train_inverted_file()
+
+
+def test_index_retrains_cells_on_a_far_larger_database(blobs):
+    X, y = blobs  # 3000 items
+    est = _pq(n_lists=8, n_probe=2).fit(X[:300], y[:300])
+    from_fit = est.coarse_centroids_.copy()
+    est.index(X[:1000], y[:1000])  # 3.3x the training items: cells kept
+    np.testing.assert_array_equal(est.coarse_centroids_, from_fit)
+    est.index(X[:1200], y[:1200])  # 4x: cells trained on the database
+    assert not np.array_equal(est.coarse_centroids_, from_fit)
+    again = est.coarse_centroids_.copy()
+    est.index(X[:1300], y[:1300])  # compared with the 1200 items of the last training
+    np.testing.assert_array_equal(est.coarse_centroids_, again)
+    # The count survives pickling.
+    clone = pickle.loads(pickle.dumps(est))
+    assert clone.index_.n_items_trained == 1200
+    # Training directly on the database equals retraining through the estimator.
+    direct = QuantizedIndex(est.quantizer_, est.codes_[:1200]).train_inverted_file(
+        8, random_state=0
+    )
+    np.testing.assert_array_equal(direct.coarse_centroids, again)
+
+
+@pytest.mark.parametrize("n_probe", [20, 21, 1000])
+def test_all_probes_route_to_the_exhaustive_kernel(blobs, monkeypatch, n_probe):
+    X, y = blobs
+    exhaustive = _pq().fit(X, y)
+    ivf = _pq(n_lists=20, n_probe=n_probe).fit(X, y)
+    import skquant._index as index_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ivf_search called with n_probe >= n_lists")
+
+    monkeypatch.setattr(index_module, "ivf_search", refuse)
+    for queries in (X[:1], X[:200]):
+        d1, i1 = exhaustive.kneighbors(queries, n_neighbors=7)
+        d2, i2 = ivf.kneighbors(queries, n_neighbors=7)
+        assert i1.tobytes() == i2.tobytes() and d1.tobytes() == d2.tobytes()
+    ivf.set_params(n_probe=19)
+    with pytest.raises(AssertionError, match="ivf_search called"):
+        ivf.kneighbors(X[:1])
 
 
 @pytest.mark.parametrize("M, K, n_items", [(1, 16, 300), (2, 300, 900), (5, 16, 3000),

@@ -233,8 +233,11 @@ class DeepQuantizer(BaseQuantizer):
     n_lists : int, default=None
         Non-exhaustive search: number of cells of an inverted file (coarse
         k-means on the reconstructions of the indexed items, trained by
-        :meth:`fit`); a query scans only the items of its ``n_probe`` nearest
-        cells. ``None`` scans the whole database.
+        :meth:`fit`, retrained by :meth:`index` on a database of at least 4
+        times as many items and on request by :meth:`train_inverted_file`,
+        without refitting the network); a query scans only the items of its
+        ``n_probe`` nearest cells. ``None`` scans the whole database. At most
+        the number of indexed items (not of training items).
     n_probe : int, default=8
         Cells scanned per query when ``n_lists`` is set; can be changed after
         fitting with :meth:`set_params`. ``n_probe >= n_lists`` gives exactly
