@@ -14,9 +14,6 @@ from sklearn.utils.validation import check_is_fitted
 
 __all__ = ["QuantizerPipeline", "make_quantizer_pipeline"]
 
-_SEARCH_METHODS = ("index", "add", "kneighbors", "kneighbors_graph", "encode", "decode")
-
-
 class QuantizerPipeline(Pipeline):
     """A pipeline ending in a quantizer, searchable like the quantizer itself.
 
@@ -67,13 +64,15 @@ class QuantizerPipeline(Pipeline):
     (3, 5)
     """
 
-    def _check_final_step(self, method):
+    def _fitted_final_step(self, method):
+        """The final quantizer, checked to have ``method`` and to be fitted."""
         final = self._final_estimator
         if not hasattr(final, method):
             raise TypeError(
                 f"The last step of this pipeline, {type(final).__name__}, has no "
                 f"{method}(): QuantizerPipeline needs a skquant quantizer last."
             )
+        check_is_fitted(final)
         return final
 
     def _preprocess(self, X):
@@ -95,8 +94,7 @@ class QuantizerPipeline(Pipeline):
         -------
         self : QuantizerPipeline
         """
-        final = self._check_final_step("index")
-        check_is_fitted(final)
+        final = self._fitted_final_step("index")
         final.index(self._preprocess(X), y)
         return self
 
@@ -112,8 +110,7 @@ class QuantizerPipeline(Pipeline):
         -------
         self : QuantizerPipeline
         """
-        final = self._check_final_step("add")
-        check_is_fitted(final)
+        final = self._fitted_final_step("add")
         final.add(self._preprocess(X), y)
         return self
 
@@ -129,8 +126,7 @@ class QuantizerPipeline(Pipeline):
             Only when ``return_distance`` is True.
         indices : ndarray of shape (n_queries, n_neighbors)
         """
-        final = self._check_final_step("kneighbors")
-        check_is_fitted(final)
+        final = self._fitted_final_step("kneighbors")
         return final.kneighbors(
             self._preprocess(X), n_neighbors=n_neighbors, return_distance=return_distance
         )
@@ -142,8 +138,7 @@ class QuantizerPipeline(Pipeline):
         -------
         graph : scipy.sparse.csr_matrix of shape (n_queries, n_samples_fit)
         """
-        final = self._check_final_step("kneighbors_graph")
-        check_is_fitted(final)
+        final = self._fitted_final_step("kneighbors_graph")
         return final.kneighbors_graph(
             self._preprocess(X), n_neighbors=n_neighbors, mode=mode
         )
@@ -155,8 +150,7 @@ class QuantizerPipeline(Pipeline):
         -------
         codes : ndarray of shape (n_samples, n_codebooks)
         """
-        final = self._check_final_step("encode")
-        check_is_fitted(final)
+        final = self._fitted_final_step("encode")
         return final.encode(self._preprocess(X))
 
     def decode(self, codes):
@@ -166,8 +160,7 @@ class QuantizerPipeline(Pipeline):
         -------
         X_hat : ndarray of shape (n_codes, n_features_out)
         """
-        final = self._check_final_step("decode")
-        check_is_fitted(final)
+        final = self._fitted_final_step("decode")
         return final.decode(codes)
 
 

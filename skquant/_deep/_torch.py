@@ -132,9 +132,8 @@ def resolve_device(device):
             + ", ".join(f"'{t}'" for t in _ACCELERATORS)
             + "."
         )
-    label, backend = _ACCELERATORS[dev.type]
-    module = _accelerator_module(backend)
-    if module is None or not module.is_available():
+    label, module = _accelerator(dev.type)
+    if module is None:
         raise ValueError(
             f"device={device!r} was requested but {label} is not available "
             f"(torch was built without it or no such device is visible); use "
@@ -160,13 +159,16 @@ _ACCELERATORS = {
 }
 
 
-def _accelerator_module(path):
+def _accelerator(device_type):
+    """``(label, torch module)`` of an accelerator type; the module is None
+    when this torch build or machine has no such device available."""
+    label, path = _ACCELERATORS.get(device_type, (device_type, device_type))
     module = torch
     for part in path.split("."):
         module = getattr(module, part, None)
         if module is None:
-            return None
-    return module
+            return label, None
+    return label, (module if module.is_available() else None)
 
 
 def inference_device(device):
@@ -192,9 +194,8 @@ def inference_device(device):
     """
     dev = torch.device(device)
     if dev.type != "cpu":
-        label, backend = _ACCELERATORS.get(dev.type, (dev.type, dev.type))
-        module = _accelerator_module(backend)
-        if module is None or not module.is_available():
+        label, module = _accelerator(dev.type)
+        if module is None:
             warnings.warn(
                 f"The model was fitted on {dev} but {label} is not available "
                 "here; computing embeddings on the CPU.",
@@ -797,14 +798,14 @@ def _inference_copy(module, device, dtype):
     The caller's module is never touched (not moved, not cast, mode kept), so
     concurrent ``transform``/``kneighbors`` calls from threads are safe.
     """
-    key = _state_key(module, device)
+    key = (dtype, *_state_key(module, device))
     cached = _INFERENCE_COPIES.get(module)
-    if cached is not None and cached[0] == key and cached[1] == dtype:
-        return cached[2]
+    if cached is not None and cached[0] == key:
+        return cached[1]
     copy_ = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
     for p in copy_.parameters():
         p.requires_grad_(False)
-    _INFERENCE_COPIES[module] = (key, dtype, copy_)
+    _INFERENCE_COPIES[module] = (key, copy_)
     return copy_
 
 
