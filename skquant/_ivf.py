@@ -56,6 +56,10 @@ _GROUPED_MIN_QUERIES = 8
 # (items x queries) entries of one block of the grouped scan: 2**18 float32
 # (1 MiB) accumulators stay in cache.
 _BLOCK_PAIRS = 2**18
+# Queries per block of the grouped scan: their tables, database-major
+# (M x K x 64 float32, 512 KiB at M = 8, K = 256), are built once per cell and
+# stay in cache; larger blocks cost more to transpose than they save.
+_QUERY_BLOCK = 64
 
 
 def coarse_scores(X, centroids, metric="euclidean"):
@@ -193,28 +197,23 @@ def _select_probes(scores, sizes, n_probe, k):
     return np.repeat(np.arange(n_queries), lengths), np.concatenate(lists), best
 
 
-def _candidates(acc, threshold):
-    """Flat positions of the entries of ``acc`` at or below their column's
-    ``threshold`` (ties are kept: the final merge orders them by index)."""
-    return np.flatnonzero(acc <= threshold)
+def _cell_sums(block, bias, cell_bias, codes_t, a, b):
+    """Table sums of stored items ``a:b`` (of one cell) for a block of
+    queries: an (items, queries) float32 array, summed in the fixed order
+    ``t_0 + t_1 + ... + t_{M-1} + item bias + cell bias`` that the one-query
+    scan uses too (so both give bitwise the same float32 values).
 
-
-def _cell_sums(tables, bias, cell_bias, codes_t, a, b, queries):
-    """Table sums of stored items ``a:b`` (one cell) for ``queries``: an
-    (items, queries) float32 block, summed in the fixed order
-    ``t_0 + t_1 + ... + t_{M-1} + item bias + cell bias`` that the
-    one-query scan uses too (so both give bitwise the same float32 values).
+    ``block`` holds the queries' tables database-major, (M, K, queries): a
+    code's row of every query is one contiguous gather.
     """
-    n_subspaces = tables.shape[1]
-    block = np.ascontiguousarray(tables[queries].transpose(1, 2, 0))  # (M, K, Qb)
     acc = np.take(block[0], codes_t[0, a:b], axis=0)
     tmp = np.empty_like(acc)
-    for m in range(1, n_subspaces):
+    for m in range(1, block.shape[0]):
         np.take(block[m], codes_t[m, a:b], axis=0, out=tmp, mode="clip")
         acc += tmp
     if bias is not None:
         acc += bias[a:b, None]
-        acc += cell_bias[queries][None, :]
+        acc += cell_bias[None, :]
     return acc
 
 
@@ -231,33 +230,41 @@ def _scan_groups(tables, cell_bias, ivf, groups, k, thresholds):
     codes_t, bias = ivf.stored
     offsets, order = ivf.offsets, ivf.order
     out_q, out_v, out_i, out_kth = [], [], [], []
-    for cell, queries in groups:
+    for cell, cell_queries in groups:
         a, b = int(offsets[cell]), int(offsets[cell + 1])
-        if a == b:
+        for q0 in range(0, len(cell_queries), _QUERY_BLOCK):
+            queries = cell_queries[q0 : q0 + _QUERY_BLOCK]
+            if a == b:
+                if thresholds is None:
+                    out_kth.append((queries, np.full(len(queries), np.inf, np.float32)))
+                continue
+            # The queries' tables database-major: built once per block of
+            # queries, read for every item of the cell.
+            block = np.ascontiguousarray(tables[queries].transpose(1, 2, 0))
+            cb = None if cell_bias is None else cell_bias[queries, cell]
+            step = max(1, _BLOCK_PAIRS // len(queries))
             if thresholds is None:
-                out_kth.append((queries, np.full(len(queries), np.inf, np.float32)))
-            continue
-        cb = None if cell_bias is None else cell_bias[:, cell]
-        step = max(1, _BLOCK_PAIRS // len(queries))
-        if thresholds is None and b - a > step:
-            step = b - a  # the first pass ranks a cell whole
-        for i0 in range(a, b, step):
-            i1 = min(i0 + step, b)
-            acc = _cell_sums(tables, bias, cb, codes_t, i0, i1, queries)
-            if thresholds is None:
-                if i1 - i0 > k:
-                    kth = np.partition(acc, k - 1, axis=0)[k - 1]
-                else:
-                    kth = np.full(len(queries), np.inf, dtype=np.float32)
-                out_kth.append((queries, kth))
-                hits = _candidates(acc, kth)
+                step = b - a  # the first pass ranks a cell whole
+                limit = None
             else:
-                hits = _candidates(acc, thresholds[queries])
-            if hits.size:
-                items, cols = np.divmod(hits, len(queries))
-                out_q.append(queries[cols])
-                out_v.append(acc.ravel()[hits])
-                out_i.append(order[items + i0])
+                limit = thresholds[queries]
+            for i0 in range(a, b, step):
+                i1 = min(i0 + step, b)
+                acc = _cell_sums(block, bias, cb, codes_t, i0, i1)
+                if limit is None:
+                    if i1 - i0 > k:
+                        kth = np.partition(acc, k - 1, axis=0)[k - 1]
+                    else:
+                        kth = np.full(len(queries), np.inf, dtype=np.float32)
+                    out_kth.append((queries, kth))
+                    hits = np.flatnonzero(acc <= kth)
+                else:
+                    hits = np.flatnonzero(acc <= limit)
+                if hits.size:
+                    items, cols = np.divmod(hits, len(queries))
+                    out_q.append(queries[cols])
+                    out_v.append(acc.ravel()[hits])
+                    out_i.append(order[items + i0])
     return out_q, out_v, out_i, out_kth
 
 
