@@ -160,7 +160,10 @@ class ProductCodebooks(_Codebooks):
         c = self._rotate(np.asarray(centroids, dtype=np.float64))
         c = np.asarray(c, dtype=np.float64).reshape(len(c), n_subspaces, subspace_dim)
         cb = self.codebooks.astype(np.float64)
-        terms = 2.0 * np.matmul(c.transpose(1, 0, 2), cb.transpose(0, 2, 1))  # (M, L, K)
+        # Contiguous stacks: one gemm per sub-space.
+        terms = np.matmul(np.ascontiguousarray(c.transpose(1, 0, 2)),
+                          np.ascontiguousarray(cb.transpose(0, 2, 1)))  # (M, L, K)
+        terms *= 2.0
         terms += np.einsum("mkd,mkd->mk", cb, cb)[:, None, :]
         return np.ascontiguousarray(terms.transpose(1, 0, 2))
 

@@ -312,3 +312,30 @@ def test_paired_and_plain_scans(M, K, n_items):
         np.testing.assert_array_equal(
             indices, _restricted_reference(sums, assignments, scores, n_probe, 9)
         )
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_nearest_is_the_float64_argmin_even_near_ties(offset):
+    # The float32 GEMM is only trusted where its winner is certain: points
+    # on (or within rounding of) the bisector of two centroids, duplicated
+    # centroids and far-off data still get exactly the float64 argmin.
+    from skquant._product import encode_product
+
+    rng = np.random.default_rng(0)
+    C = (rng.normal(size=(40, 8)) + offset).astype(np.float32)
+    C[7] = C[3]  # an exact tie: the lower index wins
+    i, j = rng.integers(0, 40, size=(2, 3000))
+    t = rng.choice([0.5, 0.5 + 1e-7, 0.5 - 1e-7, 0.3], size=3000)[:, None]
+    X = np.r_[t * C[i] + (1 - t) * C[j], rng.normal(size=(1000, 8)) + offset, C[[3, 7]]]
+    expected = np.argmin(coarse_scores(X, C), axis=1)
+    np.testing.assert_array_equal(assign_lists(X, C), expected)
+    np.testing.assert_array_equal(assign_lists(X, C, "inner_product"),
+                                  np.argmin(coarse_scores(X, C, "inner_product"), axis=1))
+    codebooks = C.reshape(40, 2, 4).transpose(1, 0, 2).copy()  # M=2, K=40, d=4
+    norms = np.einsum("mkd,mkd->mk", codebooks, codebooks, dtype=np.float64)
+    reference = np.stack([
+        np.argmin(norms[m] - 2.0 * (X[:, 4 * m : 4 * m + 4] @ codebooks[m].T.astype(np.float64)),
+                  axis=1)
+        for m in range(2)
+    ], axis=1)
+    np.testing.assert_array_equal(encode_product(X, codebooks), reference)
