@@ -160,6 +160,7 @@ class QuantizedIndex:
             raise ValueError("by_residual=True needs coarse_centroids.")
         self.quantizer = quantizer
         self.by_residual = bool(by_residual)
+        self._coarse_norms = None  # (centroids, their squared norms), cached
         self._lock = threading.Lock()
         self._set_codes(codes, labels)
         self._coarse_centroids = coarse_centroids
@@ -464,7 +465,12 @@ class QuantizedIndex:
         queries = np.asarray(queries)
         tables = self.quantizer.lookup_tables(queries, metric="inner_product")
         tables *= np.float32(2.0)
-        scores = coarse_scores(queries, self._coarse_centroids, self.quantizer.metric)
+        centroids = self._coarse_centroids
+        if self._coarse_norms is None or self._coarse_norms[0] is not centroids:
+            self._coarse_norms = (
+                centroids, np.einsum("ld,ld->l", centroids, centroids, dtype=np.float64)
+            )
+        scores = coarse_scores(queries, centroids, norms=self._coarse_norms[1])
         _, indices = ivf_search(
             tables, scores, self.inverted_lists(), n_neighbors,
             n_probe=n_probe, n_jobs=n_jobs, add_scores=True, refine=False,

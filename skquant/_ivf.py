@@ -40,7 +40,7 @@ from sklearn import get_config
 from sklearn.utils import gen_batches
 
 from . import _search
-from ._search import _refine, _run_shards
+from ._search import _MAX_PAIR_CODEWORDS, _pair_tables, _refine, _run_shards
 
 __all__ = [
     "InvertedLists",
@@ -63,11 +63,12 @@ _BLOCK_PAIRS = 2**18
 _QUERY_BLOCK = 64
 
 
-def coarse_scores(X, centroids, metric="euclidean"):
+def coarse_scores(X, centroids, metric="euclidean", norms=None):
     """Lower-is-better scores of every (vector, cell) pair, (n, n_lists) float64.
 
     Squared Euclidean distance up to the per-row constant ``||x||^2`` (which
     does not change a row's ranking), or the negated inner product.
+    ``norms``: the centroids' squared norms (float64), when already known.
     """
     # float64: a float32 GEMM rounds a row's scores differently depending on
     # the rows that share its batch (and on the CPU), which could move an
@@ -77,7 +78,9 @@ def coarse_scores(X, centroids, metric="euclidean"):
     if metric == "inner_product":
         return np.negative(scores, out=scores)
     scores *= -2.0
-    scores += np.einsum("ld,ld->l", centroids, centroids, dtype=np.float64)[None, :]
+    if norms is None:
+        norms = np.einsum("ld,ld->l", centroids, centroids, dtype=np.float64)
+    scores += norms[None, :]
     return scores
 
 
@@ -256,14 +259,36 @@ def _cell_sums(block, bias, cell_bias, codes_t, a, b):
     ``block`` holds the queries' tables database-major, (M, K, queries): a
     code's row of every query is one contiguous gather.
     """
-    acc = np.take(block[0], codes_t[0, a:b], axis=0)
-    tmp = np.empty_like(acc)
-    for m in range(1, block.shape[0]):
-        np.take(block[m], codes_t[m, a:b], axis=0, out=tmp, mode="clip")
-        acc += tmp
+    def term(m, out=None):
+        return np.take(block[m], codes_t[m, a:b], axis=0, out=out, mode="clip")
+
+    acc = _sum_in_pairs(term, block.shape[0])
     if bias is not None:
         acc += bias[a:b, None]
         acc += cell_bias[None, :]
+    return acc
+
+
+def _sum_in_pairs(term, n_subspaces):
+    """``((t_0 + t_1) + (t_2 + t_3)) + ...`` (then ``+ t_{M-1}`` for odd M),
+    ``term(m, out=None)`` giving the float32 terms of sub-space ``m``.
+
+    The one order every scan sums in, so that the float32 value of an item
+    does not depend on the path (batch, one query, pair tables: a pair
+    table's entry is exactly ``t_{2j} + t_{2j+1}`` in float32).
+    """
+    acc = term(0)
+    if n_subspaces == 1:
+        return acc
+    tmp = np.empty_like(acc)
+    acc += term(1, tmp)
+    tmp2 = np.empty_like(acc)
+    for j in range(1, n_subspaces // 2):
+        term(2 * j, tmp)
+        tmp += term(2 * j + 1, tmp2)
+        acc += tmp
+    if n_subspaces % 2:
+        acc += term(n_subspaces - 1, tmp)
     return acc
 
 
@@ -394,35 +419,67 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
     codes_t, bias = ivf.stored
     offsets, order = ivf.offsets, ivf.order
     table = tables[q]
-    n_subspaces = table.shape[0]
+    n_subspaces, n_codewords = table.shape
     best_v = np.full(k, np.inf, dtype=np.float32)
     best_i = np.full(k, np.iinfo(np.intp).max, dtype=np.intp)
+    # In stored order, so that neighbouring cells are read as one run (the
+    # result does not depend on the order: ties go to the lower index).
+    cells = np.sort(cells)
     starts, ends = offsets[cells], offsets[cells + 1]
     lengths = ends - starts
     nonempty = lengths > 0
     starts, ends, lengths, cells = starts[nonempty], ends[nonempty], lengths[nonempty], cells[nonempty]
     chunk_ends = np.cumsum(lengths)
+    # Pair tables (K**2 entries per pair of sub-spaces, each entry exactly
+    # the float32 sum of the two terms) halve the look-ups but cost about
+    # K**2 / 4 items' worth to build: only for long scans.
+    paired = (n_subspaces >= 2 and n_codewords <= _MAX_PAIR_CODEWORDS
+              and 4 * int(chunk_ends[-1] if len(chunk_ends) else 0) >= n_codewords**2)
+    if paired:
+        pair_tables = _pair_tables(table[None])[0][0]
     c0 = 0
     while c0 < len(cells):
-        # Cells c0:c1 hold at most ``budget`` items (at least one cell).
+        # Cells c0:c1 hold at most ``limit`` items (at least one cell): a
+        # small first chunk gives the running k-th value, after which a
+        # chunk costs a compare instead of a partition.
+        limit = budget if np.isfinite(best_v[-1]) else min(budget, max(64 * k, 4096))
         base = chunk_ends[c0 - 1] if c0 else 0
-        c1 = max(c0 + 1, int(np.searchsorted(chunk_ends, base + budget, side="right")))
-        spans = [slice(int(s), int(e)) for s, e in zip(starts[c0:c1], ends[c0:c1], strict=True)]
+        c1 = max(c0 + 1, int(np.searchsorted(chunk_ends, base + limit, side="right")))
+        # Runs of adjacent cells, each one slice.
+        s0, e0 = starts[c0:c1], ends[c0:c1]
+        new_run = np.flatnonzero(s0[1:] != e0[:-1]) + 1
+        run_starts = np.concatenate([[0], new_run])
+        run_ends = np.concatenate([new_run, [len(s0)]]) - 1
+        spans = [slice(int(s0[a]), int(e0[b])) for a, b in zip(run_starts, run_ends, strict=True)]
         if len(spans) == 1:
             cols = codes_t[:, spans[0]]
         else:
             cols = np.concatenate([codes_t[:, s] for s in spans], axis=1)
-        acc = np.take(table[0], cols[0])
-        tmp = np.empty_like(acc)
-        for m in range(1, n_subspaces):
-            np.take(table[m], cols[m], out=tmp, mode="clip")
-            acc += tmp
+        if paired:
+            pair = np.empty(cols.shape[1], dtype=np.uint16)
+
+            def pair_term(j, out=None):
+                np.multiply(cols[2 * j], n_codewords, out=pair, dtype=np.uint16)
+                np.add(pair, cols[2 * j + 1], out=pair, dtype=np.uint16)
+                return np.take(pair_tables[j], pair, out=out, mode="clip")
+
+            acc = pair_term(0)
+            tmp = np.empty_like(acc)
+            for j in range(1, n_subspaces // 2):
+                acc += pair_term(j, tmp)
+            if n_subspaces % 2:
+                acc += np.take(table[-1], cols[-1], out=tmp, mode="clip")
+        else:
+            acc = _sum_in_pairs(
+                lambda m, out=None: np.take(table[m], cols[m], out=out, mode="clip"),
+                n_subspaces,
+            )
         if bias is not None:
             acc += np.concatenate([bias[s] for s in spans]) if len(spans) > 1 else bias[spans[0]]
             acc += np.repeat(cell_bias[q, cells[c0:c1]], lengths[c0:c1])
-        if len(acc) > k:
+        if len(acc) > k and not np.isfinite(best_v[-1]):
             kth = np.partition(acc, k - 1)[k - 1]
-            cand = np.flatnonzero(acc <= min(kth, best_v[-1]))
+            cand = np.flatnonzero(acc <= kth)
         else:
             cand = np.flatnonzero(acc <= best_v[-1])
         if cand.size:
