@@ -7,31 +7,36 @@ This module is the kernel side: the cell layout of the codes
 the coarse centroids and keeping the cells up to date belong to the index
 (:class:`~skquant._index.QuantizedIndex`).
 
-Design choices (shared by every estimator, see ``benchmarks/bench_search.py``):
+Two kinds of codes share the scan (see :class:`~skquant._index.QuantizedIndex`):
 
-* **Direct codes.** Items keep the codes the estimator gave them; the cells
-  only reorder them. Residual codes (faiss ``IndexIVFPQ``) quantize ``x - c``
-  with codebooks trained on residuals, which would mean retraining each
-  estimator's (supervised, jointly learned) codebooks per cell and changing
-  what ``codes_`` and ``decode`` mean. With direct codes the AQD of a scanned
-  item is exactly its exhaustive AQD, so with ``n_probe = n_lists`` the result
-  *is* the exhaustive search, and recall is only lost on items of unprobed
-  cells. One lookup table per query serves all its cells.
-* **Cells of the reconstructions.** Items are assigned by their decoded vector
-  ``x̂`` (the point the AQD ranks), so the cells can be rebuilt from codes
-  alone (after ``index``, ``add``, unpickling, or setting ``codes_``), and a
-  database item used as a query (``kneighbors(X=None)``) probes its own cell
-  first.
-* **Scan.** Cells are stored contiguously (codes permuted by cell, then by
-  index). A query gathers the code rows of its probed cells in one
-  fancy-indexing call (each row read as one ``M``-byte word), sums its tables
-  over them (pair tables for long scans), and selects its top-k with one
-  partition. Per query that is about ten numpy
-  calls whatever ``n_probe`` is; a cell-by-cell loop (tried first, with the
-  queries of a cell scanned together) spent most of its time in per-cell
-  Python overhead at the cell sizes that matter (a few thousand items).
-  Queries are spread over threads; a single query's cells are split between
-  them. Ties are broken by the lower *original* index, as in exhaustive search.
+* **Direct codes** (the deep estimators, ``ProductQuantizer(by_residual=
+  False)``): items keep the codes the estimator gave them; the cells, fitted
+  to the reconstructions, only reorder them. A scanned item's value is its
+  exhaustive AQD, one lookup table per query serves all its cells, and with
+  every cell probed the result *is* the exhaustive search.
+* **Residual codes** (``ProductQuantizer`` with ``n_lists``, the default):
+  codes of ``x - c``, faiss ``IndexIVFPQ``'s. An item's value adds a
+  per-item term (``ivf.item_bias``) and its cell's coarse score for the query
+  to the same kind of one-table-per-query sum (``add_scores=True``), the
+  exact decomposition of ``||q - c - r||^2`` up to ``||q||^2``.
+
+The scan (``benchmarks/bench_search.py --ivf`` measures it against faiss):
+
+* **Batches, cell by cell.** The (query, cell) pairs are grouped by cell, so
+  each probed cell is read once for all the queries that probe it, in
+  database-major blocks of at most 64 queries (the tables of a block
+  transposed once per cell, a code's row of all the block's queries one
+  gather), as the exhaustive batch kernel does. Two passes: each query's
+  best cell first, whose ``k``-th value becomes the query's threshold, then
+  the other cells, where an entry costs a compare against it instead of a
+  partition. All candidates are merged at the end by ``(value, index)``.
+* **A few queries, one at a time**, over the concatenation of their cells'
+  code runs (cells are contiguous per codebook, adjacent cells read as one
+  run); threads split a query's cells.
+* Every path sums an item's terms in the same order (``(t0 + t1) + (t2 +
+  t3) + ...``, then the item and cell terms), so an item's float32 value
+  does not depend on the path, the batch or the threads; ties are broken by
+  the lower *original* index, as in exhaustive search.
 """
 
 import numpy as np
@@ -40,7 +45,7 @@ from sklearn import get_config
 from sklearn.utils import gen_batches
 
 from . import _search
-from ._search import _MAX_PAIR_CODEWORDS, _pair_tables, _refine, _run_shards
+from ._search import _refine, _run_shards
 
 __all__ = [
     "InvertedLists",
@@ -274,8 +279,9 @@ def _sum_in_pairs(term, n_subspaces):
     ``term(m, out=None)`` giving the float32 terms of sub-space ``m``.
 
     The one order every scan sums in, so that the float32 value of an item
-    does not depend on the path (batch, one query, pair tables: a pair
-    table's entry is exactly ``t_{2j} + t_{2j+1}`` in float32).
+    does not depend on the path (batch or one query), and pair tables
+    (whose entries are exactly ``t_{2j} + t_{2j+1}`` in float32) could serve
+    any path.
     """
     acc = term(0)
     if n_subspaces == 1:
@@ -419,7 +425,7 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
     codes_t, bias = ivf.stored
     offsets, order = ivf.offsets, ivf.order
     table = tables[q]
-    n_subspaces, n_codewords = table.shape
+    n_subspaces = table.shape[0]
     best_v = np.full(k, np.inf, dtype=np.float32)
     best_i = np.full(k, np.iinfo(np.intp).max, dtype=np.intp)
     # In stored order, so that neighbouring cells are read as one run (the
@@ -430,13 +436,6 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
     nonempty = lengths > 0
     starts, ends, lengths, cells = starts[nonempty], ends[nonempty], lengths[nonempty], cells[nonempty]
     chunk_ends = np.cumsum(lengths)
-    # Pair tables (K**2 entries per pair of sub-spaces, each entry exactly
-    # the float32 sum of the two terms) halve the look-ups but cost about
-    # K**2 / 4 items' worth to build: only for long scans.
-    paired = (n_subspaces >= 2 and n_codewords <= _MAX_PAIR_CODEWORDS
-              and 4 * int(chunk_ends[-1] if len(chunk_ends) else 0) >= n_codewords**2)
-    if paired:
-        pair_tables = _pair_tables(table[None])[0][0]
     c0 = 0
     while c0 < len(cells):
         # Cells c0:c1 hold at most ``limit`` items (at least one cell): a
@@ -455,25 +454,13 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
             cols = codes_t[:, spans[0]]
         else:
             cols = np.concatenate([codes_t[:, s] for s in spans], axis=1)
-        if paired:
-            pair = np.empty(cols.shape[1], dtype=np.uint16)
-
-            def pair_term(j, out=None):
-                np.multiply(cols[2 * j], n_codewords, out=pair, dtype=np.uint16)
-                np.add(pair, cols[2 * j + 1], out=pair, dtype=np.uint16)
-                return np.take(pair_tables[j], pair, out=out, mode="clip")
-
-            acc = pair_term(0)
-            tmp = np.empty_like(acc)
-            for j in range(1, n_subspaces // 2):
-                acc += pair_term(j, tmp)
-            if n_subspaces % 2:
-                acc += np.take(table[-1], cols[-1], out=tmp, mode="clip")
-        else:
-            acc = _sum_in_pairs(
-                lambda m, out=None: np.take(table[m], cols[m], out=out, mode="clip"),
-                n_subspaces,
-            )
+        # (Pair tables, as in the exhaustive one-query kernel, measured
+        # slower here: the pair codes of the gathered runs must be formed
+        # per query.)
+        acc = _sum_in_pairs(
+            lambda m, out=None: np.take(table[m], cols[m], out=out, mode="clip"),
+            n_subspaces,
+        )
         if bias is not None:
             acc += np.concatenate([bias[s] for s in spans]) if len(spans) > 1 else bias[spans[0]]
             acc += np.repeat(cell_bias[q, cells[c0:c1]], lengths[c0:c1])

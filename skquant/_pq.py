@@ -138,6 +138,16 @@ class ProductQuantizer(BaseQuantizer):
     >>> dist, ind = pq.kneighbors(X[:1], n_neighbors=3)
     >>> ind.shape
     (1, 3)
+
+    With an inverted file the codes encode residuals to the cells:
+
+    >>> ivf = ProductQuantizer(n_codebooks=4, n_codewords=16, n_lists=8, n_probe=2,
+    ...                        random_state=0).fit(X)
+    >>> codes, cells = ivf.encode(X[:2], return_cells=True)
+    >>> ivf.decode(codes, cells=cells).shape
+    (2, 64)
+    >>> bool((ivf.encode(X[:2]) == ivf.codes_[:2]).all())
+    True
     """
 
     _parameter_constraints = {

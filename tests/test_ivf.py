@@ -297,8 +297,8 @@ def test_all_probes_route_to_the_exhaustive_kernel(blobs, monkeypatch, n_probe):
 @pytest.mark.parametrize("M, K, n_items", [(1, 16, 300), (2, 300, 900), (5, 16, 3000),
                                            (4, 256, 20000)])
 def test_paired_and_plain_scans(M, K, n_items):
-    # Short scans use plain tables, long ones pair tables (K <= 256), wide
-    # codes (K > 256) never pairs; all give the restricted brute force.
+    # Short and long scans (several chunks of a query's cells), narrow and
+    # wide codes (K > 256): all give the restricted brute force.
     rng = np.random.default_rng(M * K)
     tables = rng.integers(0, 40, size=(6, M, K)).astype(np.float32)
     codes = rng.integers(0, K, size=(n_items, M)).astype(np.uint8 if K <= 256 else np.uint16)
