@@ -346,10 +346,11 @@ def non_exhaustive(args, mixture, out):
         km = faiss.Kmeans(DIM, n_lists, niter=ivf.cp.niter, seed=1234)
         km.train(xt)
         build["faiss coarse k-means"] = time.perf_counter() - t0
-        from skquant._index import train_coarse_quantizer
+        from skquant._index import RESIDUAL_POINTS_PER_LIST, train_coarse_quantizer
 
         t0 = time.perf_counter()
-        train_coarse_quantizer(xt, n_lists, random_state=0)
+        train_coarse_quantizer(xt, n_lists, random_state=0,
+                               max_points_per_list=RESIDUAL_POINTS_PER_LIST)
         build["skquant coarse k-means"] = time.perf_counter() - t0
         # Exhaustive skquant on codes of the same size (faiss IndexPQ codebooks).
         flat_pq = faiss.IndexPQ(DIM, M, 8)

@@ -28,7 +28,8 @@ from sklearn.utils import check_random_state, gen_batches
 from ._ivf import InvertedLists, assign_lists, coarse_scores, ivf_search
 from ._search import CodeLayout, aqd_search
 
-__all__ = ["QuantizedIndex", "residuals", "train_coarse_quantizer"]
+__all__ = ["RESIDUAL_POINTS_PER_LIST", "QuantizedIndex", "residuals",
+           "train_coarse_quantizer"]
 
 # Training points per cell: faiss warns below 39 and samples at most 256; the
 # coarse cells only steer the probing (they never change a distance), so 64
@@ -36,9 +37,13 @@ __all__ = ["QuantizedIndex", "residuals", "train_coarse_quantizer"]
 # training at seconds for thousands of cells.
 _MAX_POINTS_PER_LIST = 64
 _COARSE_MAX_ITER = 20
+# Residual codes are encoded against their cells, so the cells shape every
+# reconstruction: trained like faiss's (at most 256 points per cell).
+RESIDUAL_POINTS_PER_LIST = 256
 
 
-def train_coarse_quantizer(X, n_lists, *, metric="euclidean", random_state=None):
+def train_coarse_quantizer(X, n_lists, *, metric="euclidean", random_state=None,
+                           max_points_per_list=_MAX_POINTS_PER_LIST):
     """Coarse centroids of an inverted file: k-means on (a sample of) ``X``.
 
     Parameters
@@ -52,6 +57,8 @@ def train_coarse_quantizer(X, n_lists, *, metric="euclidean", random_state=None)
         so the most similar centroid is also the nearest one.
     random_state : int, RandomState instance or None, default=None
         Seeds the sub-sample and k-means.
+    max_points_per_list : int, default=64
+        k-means runs on at most this many points per cell (a random sample).
 
     Returns
     -------
@@ -76,7 +83,7 @@ def train_coarse_quantizer(X, n_lists, *, metric="euclidean", random_state=None)
             f"is a good start) or n_lists=None for exhaustive search."
         )
     rng = check_random_state(random_state)
-    max_points = _MAX_POINTS_PER_LIST * n_lists
+    max_points = max_points_per_list * n_lists
     if n_samples > max_points:
         X = X[np.sort(rng.choice(n_samples, max_points, replace=False))]
     # Random init (as faiss): k-means++ costs O(n_lists**2) greedy passes,

@@ -13,7 +13,12 @@ from sklearn.utils._param_validation import Interval
 
 from ._base import BaseQuantizer
 from ._codebooks import ProductCodebooks
-from ._index import residuals, seed_of, train_coarse_quantizer
+from ._index import (
+    RESIDUAL_POINTS_PER_LIST,
+    residuals,
+    seed_of,
+    train_coarse_quantizer,
+)
 from ._product import check_codebook_size, fit_opq, fit_subspace_codebooks
 from ._rows import dense_rows
 
@@ -210,7 +215,8 @@ class ProductQuantizer(BaseQuantizer):
             X = dense_rows(X, np.float32)
             rng = check_random_state(self.random_state)
             centroids = train_coarse_quantizer(
-                X, self.n_lists, random_state=seed_of(rng)
+                X, self.n_lists, random_state=seed_of(rng),
+                max_points_per_list=RESIDUAL_POINTS_PER_LIST,
             )
             X = residuals(X, centroids)
             random_state = rng
