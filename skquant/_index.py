@@ -99,8 +99,8 @@ def train_coarse_quantizer(X, n_lists, *, metric="euclidean", random_state=None,
 
 def residuals(X, centroids, metric="euclidean"):
     """``X - centroids[cell]`` for each row's nearest cell, (n, dim) float32
-    (computed in float64; sparse rows densified in chunks by the caller)."""
-    X = np.asarray(X.toarray() if hasattr(X, "toarray") else X)
+    (computed in float64, in row chunks; ``X`` dense)."""
+    X = np.asarray(X)
     out = np.empty(X.shape, dtype=np.float32)
     row_bytes = 8 * (centroids.shape[0] + 3 * X.shape[1])
     for batch in gen_batches(len(X), rows_per_chunk(row_bytes)):
@@ -478,13 +478,13 @@ class QuantizedIndex:
                 centroids, np.einsum("ld,ld->l", centroids, centroids, dtype=np.float64)
             )
         scores = coarse_scores(queries, centroids, norms=self._coarse_norms[1])
+        lists = self.inverted_lists()
         _, indices = ivf_search(
-            tables, scores, self.inverted_lists(), n_neighbors,
+            tables, scores, lists, n_neighbors,
             n_probe=n_probe, n_jobs=n_jobs, add_scores=True, refine=False,
         )
-        cells = self._lists.assignments[indices]
-        recon = self._coarse_centroids[cells].astype(np.float64)
-        recon += self.quantizer.decode(self.codes[indices.ravel()]).reshape(recon.shape)
+        recon = centroids[lists.assignments[indices]].astype(np.float64)
+        recon += self.quantizer.decode(lists.codes[indices.ravel()]).reshape(recon.shape)
         diff = np.asarray(queries, dtype=np.float64)[:, None, :] - recon
         sq = np.square(diff).sum(axis=-1)
         order = np.lexsort((indices, sq), axis=1)
