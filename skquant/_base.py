@@ -101,7 +101,10 @@ class BaseQuantizer(
     - ``_fit(X, y)``: learn the model from validated ``X`` and labels (``None``,
       1-D, or a 2-D indicator); set ``quantizer_``, a codebook object of
       :mod:`skquant._codebooks` (product or additive codebooks, which also
-      fix the metric that ``kneighbors`` reports).
+      fix the metric that ``kneighbors`` reports). It may return the coarse
+      centroids ``(n_lists, dim)`` ndarray when its codebooks encode
+      residuals to them (then the index stores residual codes); any other
+      return value is ignored.
     - ``_embed(X)``: validated ``X`` -> float32 embedding ``(n, D)``.
 
     Everything else is delegated: ``fit`` then indexes ``X`` in ``index_``,
@@ -148,13 +151,25 @@ class BaseQuantizer(
             Fitted estimator.
         """
         X, y = self._validate_input(X, y, reset=True)
-        self._fit(X, y)
-        codes = self._encode_rows(X)
+        fitted = self._fit(X, y)
+        # Only an array means residual codes (some _fit return self).
+        residual_centroids = fitted if isinstance(fitted, np.ndarray) else None
+        quantizer = self.quantizer_
+        empty = np.empty((0, quantizer.n_codebooks), dtype=quantizer.code_dtype)
+        self.index_ = QuantizedIndex(
+            quantizer, empty, coarse_centroids=residual_centroids,
+            cells=None if residual_centroids is None else np.empty(0, np.int32),
+            by_residual=residual_centroids is not None,
+        )
+        codes, cells = self._encode_rows(X)
         if hasattr(self, "history_"):
             # Networks trained on labels: a run that collapsed without a NaN
             # (CPU-dependent) must not pass silently.
             warn_if_collapsed(self, codes, y)
-        self._set_index(codes, y)
+        self.index_.replace(codes, y, cells=cells)
+        if self.index_.by_residual:
+            self.index_.n_items_trained = len(codes)
+            return self
         n_lists = getattr(self, "n_lists", None)
         if n_lists is not None and n_lists <= len(codes):
             # More cells than training items: the cells wait for a database
@@ -187,12 +202,17 @@ class BaseQuantizer(
         only the items are assigned to them: a database drawn like the
         training set is served well by its cells, while cells fitted on a
         small labelled sample of a far larger database are uneven (a few
-        huge cells, slow and imprecise probes).
+        huge cells, slow and imprecise probes). Residual codes
+        (``ProductQuantizer(by_residual=True)``) are encoded against the
+        cells learned by :meth:`fit`, which are never retrained here.
         """
         check_is_fitted(self)
         X, y = self._validate_input(X, y, reset=False)
-        self.index_.replace(self._encode_rows(X), y)
+        codes, cells = self._encode_rows(X)
+        self.index_.replace(codes, y, cells=cells)
         n_lists = getattr(self, "n_lists", None)
+        if self.index_.by_residual:
+            return self
         if n_lists is not None and n_lists <= self.index_.n_items:
             trained = self.index_.n_items_trained
             if (self.index_.n_lists != n_lists or trained is None
@@ -208,6 +228,8 @@ class BaseQuantizer(
         changing ``n_lists`` with ``set_params``, or to fit the cells to a
         database indexed with :meth:`add`. :meth:`index` calls it by itself
         when the database is far larger than the cells' training set.
+        Not available for residual codes (``ProductQuantizer`` with
+        ``by_residual=True``), whose cells are part of the model: refit.
 
         Parameters
         ----------
@@ -273,7 +295,8 @@ class BaseQuantizer(
                 f"y of shape {y.shape} does not match the indexed labels of "
                 f"shape {self.database_labels_.shape}."
             )
-        self.index_.add(self._encode_rows(X), y)
+        codes, cells = self._encode_rows(X)
+        self.index_.add(codes, y, cells=cells)
         return self
 
     def _validate_X(self, X, *, reset=False):
@@ -348,6 +371,15 @@ class BaseQuantizer(
     def coarse_centroids_(self, centroids):
         self.index_.coarse_centroids = centroids
 
+    @property
+    def cells_(self):
+        """Cell of each indexed item (int32), None without an inverted file.
+
+        With residual codes, ``decode(codes_, cells=cells_)`` reconstructs
+        the database.
+        """
+        return self.index_.cells
+
     # ------------------------------------------------------------------ codes
     def transform(self, X):
         """Embed ``X`` in the space where it is quantized.
@@ -366,30 +398,47 @@ class BaseQuantizer(
         X = self._validate_X(X)
         return np.asarray(self._embed(X), dtype=np.float32)
 
-    def encode(self, X):
+    def encode(self, X, return_cells=False):
         """Quantize ``X``: one codeword index per codebook.
+
+        These are the codes :meth:`index` and :meth:`add` store for ``X``.
+        With residual codes (:class:`ProductQuantizer` with ``n_lists`` and
+        ``by_residual=True``) they encode ``x - c``, the difference between
+        ``x`` and the centroid ``c`` of its nearest cell, and only mean
+        something together with that cell.
 
         Parameters
         ----------
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Input data.
+        return_cells : bool, default=False
+            Also return the cell of each row (residual codes; ``None``
+            otherwise), as :meth:`decode` needs it.
 
         Returns
         -------
         codes : ndarray of shape (n_samples, n_codebooks)
             uint8 when ``n_codewords <= 256``, else uint16.
+        cells : ndarray of shape (n_samples,) or None
+            Only when ``return_cells=True``.
         """
         check_is_fitted(self)
         X = self._validate_X(X)
-        return self._encode_rows(X)
+        codes, cells = self._encode_rows(X)
+        return (codes, cells) if return_cells else codes
 
-    def decode(self, codes):
+    def decode(self, codes, cells=None):
         """Reconstruct vectors in embedding space from their codes.
 
         Parameters
         ----------
         codes : array-like of shape (n_samples, n_codebooks), integer
             Codes, e.g. from :meth:`encode` or ``codes_``.
+        cells : array-like of shape (n_samples,), default=None
+            The cells of residual codes (``cells_`` for ``codes_``, or from
+            ``encode(X, return_cells=True)``): required with residual codes,
+            where the reconstruction is the cell's centroid plus the decoded
+            residual; ignored otherwise.
 
         Returns
         -------
@@ -410,22 +459,28 @@ class BaseQuantizer(
                 f"codes must lie in [0, {n_codewords - 1}] (n_codewords={n_codewords}); "
                 f"got values in [{codes.min()}, {codes.max()}]."
             )
-        return self.quantizer_.decode(codes)
+        return self.index_.decode(codes, cells)
 
     def _encode_rows(self, X):
-        """Embed and encode ``X`` in row batches, so memory stays bounded."""
-        quantizer = self.quantizer_
+        """Embed and encode ``X`` in row batches, so memory stays bounded.
+        Returns ``(codes, cells)``, cells None unless the codes are residual."""
+        quantizer, index = self.quantizer_, self.index_
         # Fortran order, as the index stores it: no second copy of the codes.
         codes = np.empty(
             (X.shape[0], quantizer.n_codebooks), dtype=quantizer.code_dtype, order="F"
         )
+        cells = np.empty(X.shape[0], dtype=np.int32) if index.by_residual else None
         row_bytes = 8 * (X.shape[1] + quantizer.dim + quantizer.n_codewords)
+        if index.by_residual:
+            row_bytes += 8 * (index.n_lists + quantizer.dim)
         progress = Progress(type(self).__name__, "encoded", X.shape[0],
                             getattr(self, "verbose", 0))
         for batch in gen_batches(X.shape[0], rows_per_chunk(row_bytes)):
-            codes[batch] = quantizer.encode(self._embed(X[batch]))
+            codes[batch], batch_cells = index.encode(self._embed(X[batch]))
+            if cells is not None:
+                cells[batch] = batch_cells
             progress.update(batch.stop - batch.start)
-        return codes
+        return codes, cells
 
     @property
     def _n_features_out(self):
@@ -507,6 +562,9 @@ class BaseQuantizer(
         # scores and results.
         row_bytes = 24 * quantizer.n_codebooks * quantizer.n_codewords + 8 * quantizer.dim
         row_bytes += 16 * n_neighbors + (0 if n_probe is None else 4 * index.n_lists)
+        if index.by_residual:
+            # Coarse scores, and the winners' exact float64 distances.
+            row_bytes += 8 * index.n_lists + 16 * n_neighbors * quantizer.dim
         neigh_dist = np.empty((n_queries, n_neighbors), dtype=np.float64)
         neigh_ind = np.empty((n_queries, n_neighbors), dtype=np.intp)
         # Even chunks: a remainder of a few queries would take the single-query
@@ -514,7 +572,7 @@ class BaseQuantizer(
         n_chunks = -(-n_queries // rows_per_chunk(row_bytes))
         for batch in gen_even_slices(n_queries, n_chunks):
             if query_is_train:
-                Z = quantizer.decode(index.codes[batch])
+                Z = index.reconstruct(batch)
             else:
                 Z = self._embed(X[batch])
             neigh_dist[batch], neigh_ind[batch] = index.search(
@@ -545,6 +603,13 @@ class BaseQuantizer(
             return None
         if self.index_.n_lists != n_lists:
             trained = self.index_.n_lists or 0
+            if self.index_.by_residual:
+                raise ValueError(
+                    f"n_lists={n_lists} but the residual codes were encoded "
+                    f"against {trained} cells: refit to change n_lists "
+                    f"(residual codes and cells are learned together), or "
+                    f"set it back. n_probe can change at any time."
+                )
             raise ValueError(
                 f"n_lists={n_lists} but the coarse quantizer has {trained} cells "
                 f"(n_lists changed since the cells were trained, or exceeds the "
@@ -592,8 +657,9 @@ class BaseQuantizer(
         Returns
         -------
         index : faiss.Index
-            ``IndexPQ`` (squared L2 distances), ``IndexIVFPQ`` on direct
-            codes when the quantizer has an inverted file (``n_lists``),
+            ``IndexPQ`` (squared L2 distances), ``IndexIVFPQ`` when the
+            quantizer has an inverted file (``n_lists``; ``by_residual`` as
+            its codes),
             either wrapped in an ``IndexPreTransform`` when the quantizer has
             a rotation; or an additive-quantizer index with inner-product
             scores for :class:`SphericalQuantizer`.
