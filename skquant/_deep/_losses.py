@@ -361,9 +361,12 @@ def posterior_loss(logits, labels):
     """Cross-entropy of the classifier behind :class:`PosteriorEmbedding`.
 
     1-D ``labels``: softmax cross-entropy. 2-D 0/1 indicator ``labels``:
-    binary cross-entropy of each label's sigmoid, averaged over labels and
-    rows (items without any label still teach the network that they have
-    none).
+    binary cross-entropy of each label's sigmoid, summed over labels and
+    averaged over rows (items without any label still teach the network that
+    they have none). Both are per-item losses, so a ``weight_decay`` means
+    the same for the two heads; averaging over L labels as well would make
+    the data term L times weaker against it (Yeast, 14 labels, with
+    ``weight_decay=1e-2``: mAP@all 0.829 instead of 0.87).
 
     Parameters
     ----------
@@ -380,10 +383,11 @@ def posterior_loss(logits, labels):
     >>> round(float(posterior_loss(logits, torch.tensor([0, 1]))), 4)
     0.6931
     >>> round(float(posterior_loss(logits, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))), 4)
-    0.6931
+    1.3863
     """
     if labels.ndim == 1:
         return torch.nn.functional.cross_entropy(logits, labels.long())
-    return torch.nn.functional.binary_cross_entropy_with_logits(
-        logits, labels.to(logits.dtype)
+    per_label = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, labels.to(logits.dtype), reduction="none"
     )
+    return per_label.sum(dim=1).mean()
