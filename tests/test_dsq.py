@@ -75,10 +75,11 @@ def test_fitted_attributes_and_embedding(digits, fitted):
     assert "quantization_error" in m.history_[-1]
     Z = m.transform(X[query])
     assert Z.dtype == np.float32 and Z.shape == (297, 64)
-    # The default embedding is a class posterior in an orthonormal basis:
-    # norm between 1/sqrt(L) (uniform) and 1 (one-hot).
-    norms = np.linalg.norm(Z, axis=1)
-    assert np.all((norms <= 1 + 1e-5) & (norms >= 10**-0.5 - 1e-5))
+    # The default embedding is a class posterior in an orthonormal basis
+    # (squared norm between 1/L, uniform, and 1, one-hot) plus tie_break
+    # times a unit vector orthogonal to it.
+    sq_norms = np.linalg.norm(Z.astype(np.float64), axis=1) ** 2 - m.tie_break**2
+    assert np.all((sq_norms <= 1 + 1e-5) & (sq_norms >= 0.1 - 1e-5))
     assert m.classifier_ is None
     # 32-bit additive codes reconstruct the posterior closely (its squared
     # norm is at most 1).
