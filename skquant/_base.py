@@ -25,10 +25,17 @@ from sklearn.base import (
 from sklearn.neighbors._base import KNeighborsMixin
 from sklearn.utils import gen_batches, gen_even_slices
 from sklearn.utils._param_validation import Interval
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from ._codebooks import AdditiveCodebooks, ProductCodebooks
 from ._convergence import warn_if_collapsed
+from ._dask_index import (
+    DaskIndex,
+    as_dask_rows,
+    check_dask_rows,
+    is_dask_array,
+    map_rows,
+)
 from ._index import QuantizedIndex, rows_per_chunk
 from ._persistence import _VersionedPickleMixin
 from ._progress import Progress
@@ -80,6 +87,31 @@ def _check_float32_range(X):
                 "Rescale X, e.g. with sklearn.preprocessing.StandardScaler."
             )
     return X
+
+
+# Work on the chunks of a dask array, run by the workers: the estimator they
+# receive (``model``) is a copy without its database (see _worker_model).
+def _validate_chunk(X):
+    """The input check of ``_validate_X``, on one chunk (features are
+    checked once, on the client)."""
+    X = check_array(X, dtype=[np.float64, np.float32], accept_sparse=["csr", "csc", "coo"])
+    if sp.issparse(X):
+        X = X.tocsr()
+        _check_float32_range(X.data)
+        return X
+    return _check_float32_range(X)
+
+
+def _encode_chunk(X, model):
+    return model._encode_rows(_validate_chunk(X))
+
+
+def _transform_chunk(X, model):
+    return np.asarray(model._embed(_validate_chunk(X)), dtype=np.float32)
+
+
+def _labels_chunk(y):
+    return _check_labels(y, y.shape[0])
 
 
 class BaseQuantizer(
@@ -147,6 +179,12 @@ class BaseQuantizer(
         self : object
             Fitted estimator.
         """
+        if is_dask_array(X) or is_dask_array(y):
+            raise TypeError(
+                "fit() learns the model in this process and does not take dask "
+                "arrays: fit on an in-memory sample (e.g. X[:n].compute()), then "
+                "index(X) the dask array, which encodes it on the workers."
+            )
         X, y = self._validate_input(X, y, reset=True)
         self._fit(X, y)
         codes = self._encode_rows(X)
@@ -190,8 +228,19 @@ class BaseQuantizer(
         huge cells, slow and imprecise probes).
         """
         check_is_fitted(self)
-        X, y = self._validate_input(X, y, reset=False)
-        self.index_.replace(self._encode_rows(X), y)
+        if is_dask_array(X) or is_dask_array(y):
+            codes, y = self._dask_database(X, y)
+            self.index_ = DaskIndex.like(self.index_, codes, y)
+        else:
+            X, y = self._validate_input(X, y, reset=False)
+            if isinstance(self.index_, DaskIndex):
+                # Back to memory, with the same coarse quantizer.
+                index = QuantizedIndex(self.quantizer_, self._encode_rows(X), y,
+                                       coarse_centroids=self.index_.coarse_centroids)
+                index.n_items_trained = self.index_.n_items_trained
+                self.index_ = index
+            else:
+                self.index_.replace(self._encode_rows(X), y)
         n_lists = getattr(self, "n_lists", None)
         if n_lists is not None and n_lists <= self.index_.n_items:
             trained = self.index_.n_items_trained
@@ -257,7 +306,11 @@ class BaseQuantizer(
             The estimator, with the new items indexed.
         """
         check_is_fitted(self)
-        X, y = self._validate_input(X, y, reset=False)
+        if is_dask_array(X) or is_dask_array(y):
+            codes, y = self._dask_database(X, y)
+        else:
+            X, y = self._validate_input(X, y, reset=False)
+            codes = None
         has_labels = self.database_labels_ is not None
         if has_labels != (y is not None):
             raise ValueError(
@@ -273,7 +326,13 @@ class BaseQuantizer(
                 f"y of shape {y.shape} does not match the indexed labels of "
                 f"shape {self.database_labels_.shape}."
             )
-        self.index_.add(self._encode_rows(X), y)
+        if codes is None:
+            codes = self._encode_rows(X)
+        elif not isinstance(self.index_, DaskIndex):
+            # The database moves to the cluster: the items already indexed
+            # become its first chunks.
+            self.index_ = DaskIndex.from_index(self.index_, max(codes.chunks[0]))
+        self.index_.add(codes, y)
         return self
 
     def _validate_X(self, X, *, reset=False):
@@ -306,6 +365,46 @@ class BaseQuantizer(
             except ValueError:
                 return X, None
         return X, _check_labels(y, X.shape[0])
+
+    def _worker_model(self):
+        """This estimator without its database (and silent): what the tasks on
+        dask workers receive, once per graph."""
+        model = object.__new__(type(self))
+        model.__dict__.update(
+            (key, value) for key, value in self.__dict__.items() if key != "index_"
+        )
+        if "verbose" in model.__dict__:
+            model.verbose = 0
+        return model
+
+    def _dask_database(self, X, y):
+        """Lazy codes and labels of a dask ``X`` (and ``y``): the checks that
+        need no data run here, the others on the workers, chunk by chunk."""
+        if not is_dask_array(X):
+            raise TypeError(
+                "y is a dask array but X is not: pass X as a dask array too, or "
+                "both in memory."
+            )
+        X = check_dask_rows(X, self.n_features_in_)
+        quantizer = self.quantizer_
+        codes = map_rows(_encode_chunk, X, self._worker_model(),
+                         dtype=quantizer.code_dtype, n_columns=quantizer.n_codebooks)
+        if y is None:
+            return codes, None
+        if not is_dask_array(y):
+            y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim not in (1, 2):
+            raise ValueError(f"y must be 1-D labels or a 2-D indicator, got shape {y.shape}.")
+        if y.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"y has {y.shape[0]} samples but X has {X.shape[0]}: they must match."
+            )
+        y = as_dask_rows(y, X.chunks[0])
+        dtype = np.dtype(np.int8) if y.ndim == 2 else y.dtype
+        return codes, y.map_blocks(_labels_chunk, dtype=dtype,
+                                   meta=np.empty((0,) * y.ndim, dtype=dtype))
 
     def _set_index(self, codes, y):
         """A new index of ``codes`` (and labels ``y``) over ``quantizer_``."""
@@ -361,8 +460,14 @@ class BaseQuantizer(
         -------
         Z : ndarray of shape (n_samples, embedding_dim), float32
             The learned embedding (the input itself for :class:`ProductQuantizer`).
+            A dask array when ``X`` is one: computed lazily, chunk by chunk,
+            on the workers.
         """
         check_is_fitted(self)
+        if is_dask_array(X):
+            return map_rows(_transform_chunk, check_dask_rows(X, self.n_features_in_),
+                            self._worker_model(), dtype=np.float32,
+                            n_columns=self.quantizer_.dim)
         X = self._validate_X(X)
         return np.asarray(self._embed(X), dtype=np.float32)
 
@@ -377,9 +482,15 @@ class BaseQuantizer(
         Returns
         -------
         codes : ndarray of shape (n_samples, n_codebooks)
-            uint8 when ``n_codewords <= 256``, else uint16.
+            uint8 when ``n_codewords <= 256``, else uint16. A dask array when
+            ``X`` is one: computed lazily, chunk by chunk, on the workers.
         """
         check_is_fitted(self)
+        if is_dask_array(X):
+            quantizer = self.quantizer_
+            return map_rows(_encode_chunk, check_dask_rows(X, self.n_features_in_),
+                            self._worker_model(), dtype=quantizer.code_dtype,
+                            n_columns=quantizer.n_codebooks)
         X = self._validate_X(X)
         return self._encode_rows(X)
 
@@ -514,7 +625,8 @@ class BaseQuantizer(
         n_chunks = -(-n_queries // rows_per_chunk(row_bytes))
         for batch in gen_even_slices(n_queries, n_chunks):
             if query_is_train:
-                Z = quantizer.decode(index.codes[batch])
+                # np.asarray fetches a batch of a dask index's codes.
+                Z = quantizer.decode(np.asarray(index.codes[batch]))
             else:
                 Z = self._embed(X[batch])
             neigh_dist[batch], neigh_ind[batch] = index.search(
@@ -601,6 +713,11 @@ class BaseQuantizer(
         from ._faiss import to_faiss
 
         check_is_fitted(self)
+        if isinstance(self.index_, DaskIndex):
+            # faiss holds its codes in this process: gather them (size-checked).
+            estimator = self._worker_model()
+            estimator.index_ = self.index_.gather("to_faiss()")
+            return to_faiss(estimator)
         return to_faiss(self)
 
     def __setstate__(self, state):

@@ -225,11 +225,16 @@ class QuantizedIndex:
         if n_items > max_points:
             sample = np.sort(rng.choice(n_items, max_points, replace=False))
         self.coarse_centroids = train_coarse_quantizer(
-            self.quantizer.decode(self.codes[sample]), n_lists,
+            self.quantizer.decode(self._gather_rows(sample)), n_lists,
             metric=self.quantizer.metric, random_state=seed,
         )
         self.n_items_trained = n_items
         return self
+
+    def _gather_rows(self, rows):
+        """The code rows ``rows`` as an in-memory array (a subclass may hold
+        its codes elsewhere)."""
+        return self.codes[rows]
 
     def assign_cells(self, codes):
         """Cell of each code row: the nearest coarse centroid of its reconstruction."""

@@ -179,11 +179,14 @@ def _positions(offsets, cells):
     return np.arange(total, dtype=np.int64) + shift
 
 
-def _scan_queries(tables, scan, ivf, probes, queries, k, budget):
+def _scan_queries(tables, scan, ivf, probes, queries, k, budget, n_probed=None):
     """Top-k of each query in ``queries`` over its cells ``probes[q]``.
 
     Returns (values, original indices), (len(queries), k), sentinel-padded
     when the cells hold fewer than k items (a shard of a split query).
+    ``n_probed[q]``, when given, is the number of items query ``q`` probes
+    in the whole database (the kernel choice below depends on it, so a
+    database split in chunks sums each item the same way).
     """
     words, row_dtype, n_cols = scan
     n_subspaces, n_codewords = tables.shape[1:]
@@ -196,8 +199,9 @@ def _scan_queries(tables, scan, ivf, probes, queries, k, budget):
         positions = _positions(ivf.offsets, probes[q])
         # Pair tables (K**2 entries per pair) halve the look-ups but cost about
         # K**2 / 4 items' worth of look-ups to build: only for long scans.
+        n_scan = len(positions) if n_probed is None else n_probed[q]
         paired = (n_subspaces >= 2 and n_codewords <= _MAX_PAIR_CODEWORDS
-                  and 4 * len(positions) >= n_codewords**2)
+                  and 4 * n_scan >= n_codewords**2)
         if paired:
             pair_tables, extra = _pair_tables(tables[q : q + 1])
             pair_tables, extra = pair_tables[0], None if extra is None else extra[0]
@@ -238,7 +242,8 @@ def _scan_queries(tables, scan, ivf, probes, queries, k, budget):
     return out_values, out_indices
 
 
-def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None):
+def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
+               cell_sizes=None, refine=True):
     """Non-exhaustive AQD search over the best ``n_probe`` cells of each query.
 
     Parameters
@@ -256,6 +261,15 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None):
         ``n_neighbors`` items, so that every query gets ``n_neighbors``).
     n_jobs : int, default=None
         Threads: over queries for batches, over a query's cells for one query.
+    cell_sizes : ndarray of shape (n_lists,), default=None
+        Items per cell of the whole database when ``ivf`` holds one chunk of
+        it (see :mod:`skquant._dask_index`): probes and kernels are chosen
+        from these, so that every chunk scans the cells, and sums the items,
+        as the whole database would. None: ``ivf.sizes``.
+    refine : bool, default=True
+        False returns the candidates as selected: the best by (float32 sum,
+        index), with those sums, padded with ``(inf, max intp)`` where the
+        probed cells of ``ivf`` hold fewer than ``n_neighbors`` items.
 
     Returns
     -------
@@ -277,13 +291,15 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None):
     """
     tables = np.asarray(tables, dtype=np.float32)
     n_queries, n_subspaces, n_codewords = tables.shape
-    n_items = len(ivf.order)
+    sizes = ivf.sizes if cell_sizes is None else np.asarray(cell_sizes)
+    n_items = int(sizes.sum())
     if not 1 <= n_neighbors <= n_items:
         raise ValueError(
             f"Expected 1 <= n_neighbors <= n_items, got n_neighbors={n_neighbors} "
             f"and n_items={n_items}."
         )
-    probes = _select_probes(scores, ivf.sizes, n_probe, n_neighbors)
+    probes = _select_probes(scores, sizes, n_probe, n_neighbors)
+    n_probed = None if cell_sizes is None else [int(sizes[p].sum()) for p in probes]
     rows, words = ivf.rows
     scan = (words, rows.dtype, rows.shape[1])
     budget = max(1, int(get_config()["working_memory"] * 2**20))
@@ -294,7 +310,7 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None):
         groups = [g for g in np.array_split(np.arange(n_queries), n_jobs) if len(g)]
         results = _run_shards(
             _scan_queries, groups,
-            lambda g: (tables, scan, ivf, probes, g, n_neighbors, budget),
+            lambda g: (tables, scan, ivf, probes, g, n_neighbors, budget, n_probed),
         )
         values = np.vstack([v for v, _ in results])
         indices = np.vstack([i for _, i in results])
@@ -305,8 +321,15 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None):
         everyone = np.arange(n_queries)
         results = _run_shards(
             _scan_queries, list(range(n_jobs)),
-            lambda t: (tables, scan, ivf, shares[t], everyone, n_neighbors, budget),
+            lambda t: (tables, scan, ivf, shares[t], everyone, n_neighbors, budget,
+                       n_probed),
         )
         values = np.hstack([v for v, _ in results])
-        indices = _merge_topk(values, np.hstack([i for _, i in results]), n_neighbors)
+        indices = np.hstack([i for _, i in results])
+        if not refine:
+            order = np.lexsort((indices, values), axis=1)[:, :n_neighbors]
+            return np.take_along_axis(values, order, 1), np.take_along_axis(indices, order, 1)
+        indices = _merge_topk(values, indices, n_neighbors)
+    if not refine:
+        return values, indices
     return _refine(tables, ivf.codes, indices)
