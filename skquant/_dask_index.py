@@ -265,6 +265,26 @@ class DaskIndex(QuantizedIndex):
     :class:`~skquant._index.QuantizedIndex`, up to :data:`MAX_GATHER_BYTES`
     bytes of codes, labels and cells; larger databases raise a ValueError
     (save ``codes`` with :func:`dask.array.to_zarr` instead).
+
+    Examples
+    --------
+    Estimators build one when given a dask array (here on dask's synchronous
+    scheduler; a ``distributed.Client`` runs the same graphs on a cluster):
+
+    >>> import dask
+    >>> import dask.array as da
+    >>> from sklearn.datasets import load_digits
+    >>> from skquant import ProductQuantizer
+    >>> X, _ = load_digits(return_X_y=True)
+    >>> pq = ProductQuantizer(n_codebooks=4, n_codewords=16, random_state=0).fit(X)
+    >>> expected = pq.kneighbors(X[:5], n_neighbors=3)
+    >>> with dask.config.set(scheduler="synchronous"):
+    ...     pq = pq.index(da.from_array(X, chunks=(500, 64)))
+    ...     dist, ind = pq.kneighbors(X[:5], n_neighbors=3)
+    >>> type(pq.index_).__name__, pq.codes_.chunks[0]
+    ('DaskIndex', (500, 500, 500, 297))
+    >>> bool((ind == expected[1]).all() and (dist == expected[0]).all())
+    True
     """
 
     def __init__(self, quantizer, codes, labels=None, *, coarse_centroids=None,

@@ -5,7 +5,10 @@ small data. Every search is compared bit for bit (indices and distances) with
 the same estimator indexed with the in-memory array.
 """
 
+import copy
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -160,6 +163,33 @@ def test_encode_and_transform_are_lazy_and_chunk_independent(client, digits, nam
         assert_array_equal(Z.compute(), est.transform(X_db))
 
 
+def test_transform_and_encode_run_nothing_until_computed(client, digits):
+    X, y, X_db, *_ = digits
+    pq = FACTORIES["PQ"]().fit(X, y)
+
+    def explode(block):
+        raise RuntimeError("computed")
+
+    lazy = da.from_array(X_db, chunks=100).map_blocks(explode, dtype=X_db.dtype)
+    codes, Z = pq.encode(lazy), pq.transform(lazy)  # no error: nothing ran
+    with pytest.raises(RuntimeError, match="computed"):
+        codes.compute()
+    with pytest.raises(RuntimeError, match="computed"):
+        Z.compute()
+
+
+def test_skquant_imports_and_works_without_dask():
+    code = (
+        "import sys; sys.modules['dask'] = None\n"
+        "import numpy as np, skquant\n"
+        "X = np.random.default_rng(0).normal(size=(60, 8))\n"
+        "pq = skquant.ProductQuantizer(n_codebooks=2, n_codewords=4).fit(X)\n"
+        "assert pq.kneighbors(X[:2], 3)[1].shape == (2, 3)\n"
+        "assert 'dask.array' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_worker_lost_between_two_queries_changes_no_result(client, digits):
     X, y, X_db, *_ = digits
     pq = FACTORIES["PQ"](n_lists=8, n_probe=2).fit(X, y)
@@ -218,6 +248,7 @@ def test_pickle_gathers_into_an_in_memory_index(client, digits, monkeypatch):
     expected = pq.kneighbors(Q)
     loaded = pickle.loads(pickle.dumps(pq))
     assert type(loaded.index_) is QuantizedIndex
+    assert type(copy.deepcopy(pq).index_) is QuantizedIndex
     assert isinstance(loaded.codes_, np.ndarray)
     assert_array_equal(loaded.database_labels_, y_db)
     _assert_all_equal(loaded.kneighbors(Q), expected)

@@ -1,0 +1,390 @@
+"""A database on a dask cluster (``DaskIndex``): encoding, client memory, query latency.
+
+Measures, on a ``LocalCluster`` of worker processes (one thread each), with a
+``ProductQuantizer`` (M = 8 codebooks of K = 256 codewords, D = 16; fitted
+in memory on 20,000 items) and synthetic Gaussian data generated *on the
+workers* (``dask.array.random``: the raw vectors never pass through the
+client):
+
+1. encode throughput with 1 and 2 workers: ``encode(X).persist()`` of
+   ``--n-encode`` items already held by the workers (median of ``--reps``);
+2. the client's memory while indexing ``--n-index`` items (2 workers):
+   resident set sampled every 20 ms during ``index(X)``, against the size of
+   the codes; and the workers' resident sets after;
+3. query latency on that index for 1 and 16 queries (k = 10): wall time
+   (median of ``--reps``), split with the scheduler's task stream into the
+   per-chunk scan tasks and the merge tasks (the rest: scheduling, the
+   lookup tables and the final float64 re-sum on the client); the same codes
+   searched in memory (one thread) for comparison;
+4. a projection to one billion items on N workers, computed from (2) and (3).
+
+``--pause`` seconds of idle between the phases give a shared machine's cores
+back to its other users.
+
+Run::
+
+    python benchmarks/bench_dask.py            # 1M encode, 10M index: ~3 min
+    python benchmarks/bench_dask.py --quick    # 200k / 1M, under a minute
+
+The report (markdown) is printed and written to ``--out``
+(``benchmarks/results/dask.md`` by default).
+"""
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+M, K, DIM, K_NEIGHBORS = 8, 256, 16, 10
+# One query (per-query kernel) and a batch (the batch kernel starts at 12).
+QUERY_BATCHES = (1, 16)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load():
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
+
+
+def rss_mib(pid=None):
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+class RssSampler:
+    """Peak resident set of this process while the ``with`` block runs."""
+
+    def __enter__(self):
+        self.before = rss_mib()
+        self.peak = self.before
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_mib())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mib())
+
+
+def synthetic(n, chunk, seed):
+    """Lazy Gaussian-mixture-like rows, generated on the workers."""
+    import dask.array as da
+
+    rng = da.random.default_rng(seed)
+    centres = np.random.default_rng(0).standard_normal((64, DIM)).astype(np.float32) * 3
+    labels = rng.integers(0, len(centres), size=n, chunks=chunk)
+    noise = rng.standard_normal((n, DIM), chunks=(chunk, DIM), dtype=np.float32)
+    return labels.map_blocks(lambda b: centres[b], dtype=np.float32,
+                             new_axis=1, chunks=(labels.chunks[0], (DIM,))) + noise
+
+
+def fit_model():
+    from skquant import ProductQuantizer
+
+    rng = np.random.default_rng(1)
+    centres = np.random.default_rng(0).standard_normal((64, DIM)).astype(np.float32) * 3
+    X = centres[rng.integers(0, 64, 20_000)] + rng.standard_normal((20_000, DIM)).astype(
+        np.float32)
+    return ProductQuantizer(n_codebooks=M, n_codewords=K, max_iter=10, random_state=0).fit(X)
+
+
+def cluster(n_workers):
+    import distributed
+
+    c = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                 dashboard_address=None, silence_logs=50)
+    return c, distributed.Client(c)
+
+
+def trim_memory():
+    """Return freed heap pages to the OS (glibc), so resident sets measure
+    what is held, not what was once touched."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+    return os.getpid()
+
+
+def encode_throughput(model, n, chunk, reps):
+    import distributed
+    from threadpoolctl import threadpool_limits
+
+    # The single-machine path, one thread, on a fifth of the items.
+    X = synthetic(n // 5, chunk, seed=2).compute(scheduler="synchronous")
+    with threadpool_limits(1):
+        model.encode(X[:1000])
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model.encode(X)
+            times.append(time.perf_counter() - t0)
+    rows = [(0, statistics.median(times) * 5, load())]
+    del X
+    for n_workers in (1, 2):
+        c, client = cluster(n_workers)
+        try:
+            X = synthetic(n, chunk, seed=2).persist()
+            distributed.wait(X)
+            distributed.wait(model.encode(X[:chunk]).persist())  # warm-up
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                codes = model.encode(X).persist()
+                distributed.wait(codes)
+                times.append(time.perf_counter() - t0)
+                del codes
+            rows.append((n_workers, statistics.median(times), load()))
+        finally:
+            client.close()
+            c.close()
+    return rows
+
+
+def index_and_query(model, n, chunk, reps, pause=0.0):
+    import distributed
+
+    c, client = cluster(2)
+    out = {}
+    try:
+        # Warm-up (imports, first allocations), then the workers' baseline.
+        queries = synthetic(100, 100, seed=5).compute()
+        model.index(synthetic(4 * chunk // 10, chunk // 10, seed=6))
+        model.kneighbors(queries[:3])
+        model.index(synthetic(10, 10, seed=6))
+        worker_pids = client.run(trim_memory)
+        workers_before = {w: rss_mib(p) for w, p in worker_pids.items()}
+        X = synthetic(n, chunk, seed=3)
+        out["load_index"] = load()
+        with RssSampler() as rss:
+            t0 = time.perf_counter()
+            model.index(X)
+            out["index_s"] = time.perf_counter() - t0
+        out["client_before"], out["client_peak"] = rss.before, rss.peak
+        out["codes_mib"] = n * M / 2**20
+        client.run(trim_memory)
+        out["workers_codes"] = {w: rss_mib(p) for w, p in worker_pids.items()}
+        out["n_chunks"] = len(model.codes_.chunks[0])
+        time.sleep(pause)
+        model.kneighbors(queries[:1])  # builds the per-chunk scan objects (pair codes)
+        client.run(trim_memory)
+        out["workers"] = {
+            w: (workers_before[w], rss_mib(p)) for w, p in worker_pids.items()
+        }
+        out["load_query"] = load()
+        lat = {}
+        for n_queries in QUERY_BATCHES:
+            Q = queries[:n_queries]
+            model.kneighbors(Q, n_neighbors=K_NEIGHBORS)  # warm-up (pair codes)
+            walls, scans, scan_paths, merges = [], [], [], []
+            for _ in range(reps):
+                with distributed.get_task_stream(client) as stream:
+                    t0 = time.perf_counter()
+                    model.kneighbors(Q, n_neighbors=K_NEIGHBORS)
+                    walls.append(time.perf_counter() - t0)
+                per_worker = {}
+                merge = 0.0
+                for task in stream.data:
+                    dur = sum(s["stop"] - s["start"] for s in task["startstops"]
+                              if s["action"] == "compute")
+                    key = str(task["key"])
+                    if "skquant-scan" in key:
+                        scans.append(dur)
+                        per_worker[task["worker"]] = per_worker.get(task["worker"], 0) + dur
+                    elif "skquant-merge" in key:
+                        merge += dur
+                scan_paths.append(max(per_worker.values()))
+                merges.append(merge)
+            lat[n_queries] = {
+                "wall": statistics.median(walls),
+                "scan_task": statistics.median(scans),
+                "scan_path": statistics.median(scan_paths),
+                "merge": statistics.median(merges),
+            }
+        out["latency"] = lat
+        # The same codes in memory, one thread: the single-machine path.
+        in_memory = model._worker_model()
+        in_memory.index_ = model.index_.gather("the in-memory comparison")
+        mem = {}
+        for n_queries in QUERY_BATCHES:
+            Q = queries[:n_queries]
+            in_memory.kneighbors(Q, n_neighbors=K_NEIGHBORS)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                result = in_memory.kneighbors(Q, n_neighbors=K_NEIGHBORS)
+                times.append(time.perf_counter() - t0)
+            mem[n_queries] = statistics.median(times)
+            for a, b in zip(result, model.kneighbors(Q, n_neighbors=K_NEIGHBORS),
+                            strict=True):
+                assert np.array_equal(a, b), "dask and in-memory results differ"
+        out["in_memory"] = mem
+    finally:
+        client.close()
+        c.close()
+    return out
+
+
+def projection(res, n_items=10**9, workers=(10, 100, 1000), chunk=None):
+    """Memory per worker and latency for ``n_items`` on N workers (1 thread
+    each), from the measured per-item costs."""
+    n = res["n"]
+    # Worker memory per item, measured: resident growth of the workers
+    # (codes, and the per-chunk scan objects built by the first query).
+    grown = sum(after - before for before, after in res["workers"].values())
+    bytes_per_item = grown * 2**20 / n
+    rows = []
+    for n_queries, lat in res["latency"].items():
+        scan_per_item = lat["scan_task"] / chunk  # seconds per item, one thread
+        merge_per_list = lat["merge"] / max(1, res["n_chunks"])  # per merged chunk list
+        other = max(0.0, lat["wall"] - lat["scan_path"] - lat["merge"])
+        for n_workers in workers:
+            per_worker = n_items / n_workers
+            n_chunks = math.ceil(n_items / chunk)
+            depth = max(1, math.ceil(math.log(n_chunks, 8)))
+            # Merges: every chunk list is merged once per level it climbs,
+            # in parallel across workers; take the serial bound per level.
+            merge = merge_per_list * 8 * depth
+            latency = scan_per_item * per_worker + merge + other
+            rows.append((n_queries, n_workers, per_worker * bytes_per_item / 2**30,
+                         per_worker * M / 2**30, scan_per_item * per_worker, merge, other,
+                         latency))
+    return bytes_per_item, rows
+
+
+def report(args, enc, res, proj):
+    bytes_per_item, rows = proj
+    lines = [
+        "# DaskIndex: a database on a dask cluster",
+        "",
+        f"CPU: {cpu_model()}; {os.cpu_count()} logical CPUs, "
+        f"{len(os.sched_getaffinity(0))} usable; workers: 1 thread each (processes); "
+        f"python {platform.python_version()}.",
+        f"Command: `python benchmarks/bench_dask.py {' '.join(args.argv)}`".rstrip() + ".",
+        f"Model: ProductQuantizer M={M}, K={K}, D={DIM}; data: Gaussian mixture "
+        "generated on the workers.",
+        "",
+        f"## Encode throughput ({args.n_encode:,} items, chunks of {args.chunk:,}, "
+        f"median of {args.reps})",
+        "",
+        "| workers | seconds | items/s | speed-up | load |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    base = enc[1][1]
+    for n_workers, seconds, ld in enc:
+        name = "in process, 1 thread" if n_workers == 0 else n_workers
+        lines.append(f"| {name} | {seconds:.2f} | {args.n_encode / seconds:,.0f} | "
+                     f"{base / seconds:.2f}x | {ld} |")
+    lines.append("")
+    lines.append("(in process: a fifth of the items, time scaled by 5; speed-up "
+                 "relative to 1 worker.)")
+    grown = {w: after - before for w, (before, after) in res["workers"].items()}
+    codes_only = {w: res["workers_codes"][w] - before
+                  for w, (before, _) in res["workers"].items()}
+    lines += [
+        "",
+        f"## Indexing {res['n']:,} items on 2 workers ({res['n_chunks']} chunks)",
+        "",
+        f"- {res['load_index']}; `index(X)` took {res['index_s']:.1f} s "
+        f"({res['n'] / res['index_s']:,.0f} items/s, data generation included).",
+        f"- Codes: {res['codes_mib']:.1f} MiB (n x M bytes); raw vectors: "
+        f"{res['n'] * DIM * 4 / 2**20:,.0f} MiB (float32), never in the client.",
+        f"- Client resident set: {res['client_before']:.0f} MiB before, "
+        f"{res['client_peak']:.0f} MiB peak during `index` "
+        f"(+{res['client_peak'] - res['client_before']:.1f} MiB, "
+        f"{(res['client_peak'] - res['client_before']) / res['codes_mib']:.2f}x the codes).",
+        "- Workers' resident growth (after `malloc_trim`): after indexing "
+        + ", ".join(f"{g:.0f} MiB" for g in codes_only.values())
+        + "; after the first query (per-chunk scan objects: pair codes) "
+        + ", ".join(f"{g:.0f} MiB" for g in grown.values())
+        + f"; {bytes_per_item:.1f} bytes per item in all (codes: {M}).",
+        "",
+        f"## Query latency on that index (k = {K_NEIGHBORS}, median of {args.reps}; "
+        f"{res['load_query']})",
+        "",
+        "| queries | wall ms | scan task ms (one chunk) | scan, slowest worker ms | "
+        "merge ms (all tasks) | rest ms | in memory, 1 thread ms |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n_queries, lat in res["latency"].items():
+        rest = lat["wall"] - lat["scan_path"] - lat["merge"]
+        lines.append(
+            f"| {n_queries} | {lat['wall'] * 1e3:.1f} | {lat['scan_task'] * 1e3:.1f} | "
+            f"{lat['scan_path'] * 1e3:.1f} | {lat['merge'] * 1e3:.2f} | {rest * 1e3:.1f} | "
+            f"{res['in_memory'][n_queries] * 1e3:.1f} |")
+    lines += [
+        "",
+        "Results were checked equal (indices and distances) to the in-memory search.",
+        "",
+        "## Projection: one billion items on N workers (1 thread each)",
+        "",
+        "Per worker: 10^9 / N items. Memory: the measured bytes per item above; "
+        "latency: the measured scan time per item (one chunk task / its items) "
+        "times the items per worker, plus the measured merge time per chunk "
+        "list times 8 per level of the 8-ary merge tree, plus the measured rest "
+        "(scheduling, tables, re-sum), taken as constant.",
+        "",
+        "| queries | workers | memory / worker GiB (codes only) | scan s | merge s | "
+        "rest s | latency s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n_queries, n_workers, mem, codes, scan, merge, other, latency in rows:
+        lines.append(f"| {n_queries} | {n_workers} | {mem:.2f} ({codes:.2f}) | {scan:.3f} | "
+                     f"{merge:.4f} | {other:.3f} | {latency:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n-encode", type=int, default=1_000_000)
+    parser.add_argument("--n-index", type=int, default=10_000_000)
+    parser.add_argument("--chunk", type=int, default=250_000)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--pause", type=float, default=0.0)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "dask.md"))
+    import sys
+
+    args = parser.parse_args()
+    args.argv = sys.argv[1:]
+    if args.quick:
+        args.n_encode, args.n_index, args.chunk = 200_000, 1_000_000, 100_000
+    print(f"CPU: {cpu_model()}; threads: {os.cpu_count()}; {load()}", flush=True)
+    model = fit_model()
+    enc = encode_throughput(model, args.n_encode, args.chunk, args.reps)
+    print("encode:", enc, flush=True)
+    time.sleep(args.pause)
+    res = index_and_query(model, args.n_index, args.chunk, args.reps, args.pause)
+    res["n"] = args.n_index
+    proj = projection(res, chunk=args.chunk)
+    text = report(args, enc, res, proj)
+    print(text)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
