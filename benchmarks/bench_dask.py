@@ -130,6 +130,16 @@ def trim_memory():
     return os.getpid()
 
 
+def cpu_seconds():
+    """CPU time (user + system) of this process so far."""
+    t = os.times()
+    return t.user + t.system
+
+
+def workers_cpu(client):
+    return sum(client.run(cpu_seconds).values())
+
+
 def encode_throughput(model, n, chunk, reps):
     import distributed
     from threadpoolctl import threadpool_limits
@@ -139,11 +149,13 @@ def encode_throughput(model, n, chunk, reps):
     with threadpool_limits(1):
         model.encode(X[:1000])
         times = []
+        cpu0 = cpu_seconds()
         for _ in range(reps):
             t0 = time.perf_counter()
             model.encode(X)
             times.append(time.perf_counter() - t0)
-    rows = [(0, statistics.median(times) * 5, load())]
+        cpu = (cpu_seconds() - cpu0) / reps * 5
+    rows = [(0, statistics.median(times) * 5, load(), cpu)]
     del X
     for n_workers in (1, 2):
         c, client = cluster(n_workers)
@@ -152,13 +164,15 @@ def encode_throughput(model, n, chunk, reps):
             distributed.wait(X)
             distributed.wait(model.encode(X[:chunk]).persist())  # warm-up
             times = []
+            cpu0 = workers_cpu(client)
             for _ in range(reps):
                 t0 = time.perf_counter()
                 codes = model.encode(X).persist()
                 distributed.wait(codes)
                 times.append(time.perf_counter() - t0)
                 del codes
-            rows.append((n_workers, statistics.median(times), load()))
+            cpu = (workers_cpu(client) - cpu0) / reps
+            rows.append((n_workers, statistics.median(times), load(), cpu))
         finally:
             client.close()
             c.close()
@@ -201,6 +215,7 @@ def index_and_query(model, n, chunk, reps, pause=0.0):
             Q = queries[:n_queries]
             model.kneighbors(Q, n_neighbors=K_NEIGHBORS)  # warm-up (pair codes)
             walls, scans, scan_paths, merges = [], [], [], []
+            cpu0 = workers_cpu(client)
             for _ in range(reps):
                 with distributed.get_task_stream(client) as stream:
                     t0 = time.perf_counter()
@@ -220,6 +235,7 @@ def index_and_query(model, n, chunk, reps, pause=0.0):
                 scan_paths.append(max(per_worker.values()))
                 merges.append(merge)
             lat[n_queries] = {
+                "workers_cpu": (workers_cpu(client) - cpu0) / reps,
                 "wall": statistics.median(walls),
                 "scan_task": statistics.median(scans),
                 "scan_path": statistics.median(scan_paths),
@@ -230,6 +246,31 @@ def index_and_query(model, n, chunk, reps, pause=0.0):
         in_memory = model._worker_model()
         in_memory.index_ = model.index_.gather("the in-memory comparison")
         mem = {}
+        # One thread, as each worker (the nanny sets OMP_NUM_THREADS=1).
+        import sys
+
+        from threadpoolctl import threadpool_limits
+
+        limits = threadpool_limits(1)
+        torch = sys.modules.get("torch")
+        torch_threads = torch.get_num_threads() if torch else None
+        if torch:
+            torch.set_num_threads(1)
+        # The scan kernel on one chunk, in this process: what a worker's
+        # task computes, without the cluster's messaging or a shared core.
+        from skquant._dask_index import _Chunk, _scan_chunk
+
+        chunk0 = _Chunk(model.codes_.blocks[0].compute())
+        for n_queries in QUERY_BATCHES:
+            tables = np.asarray(model.quantizer_.lookup_tables(queries[:n_queries]),
+                                dtype=np.float32)
+            _scan_chunk(chunk0, tables, K_NEIGHBORS, 0)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                _scan_chunk(chunk0, tables, K_NEIGHBORS, 0)
+                times.append(time.perf_counter() - t0)
+            lat[n_queries]["kernel_chunk"] = statistics.median(times)
         for n_queries in QUERY_BATCHES:
             Q = queries[:n_queries]
             in_memory.kneighbors(Q, n_neighbors=K_NEIGHBORS)
@@ -243,6 +284,9 @@ def index_and_query(model, n, chunk, reps, pause=0.0):
                             strict=True):
                 assert np.array_equal(a, b), "dask and in-memory results differ"
         out["in_memory"] = mem
+        limits.restore_original_limits()
+        if torch:
+            torch.set_num_threads(torch_threads)
     finally:
         client.close()
         c.close()
@@ -260,6 +304,10 @@ def projection(res, n_items=10**9, workers=(10, 100, 1000), chunk=None):
     rows = []
     for n_queries, lat in res["latency"].items():
         scan_per_item = lat["scan_task"] / chunk  # seconds per item, one thread
+        # The workers' CPU time per item (scans, merges, their messaging): what
+        # a dedicated core would take, where task times include waiting for
+        # a core of this shared machine.
+        kernel_per_item = lat["kernel_chunk"] / chunk
         merge_per_list = lat["merge"] / max(1, res["n_chunks"])  # per merged chunk list
         other = max(0.0, lat["wall"] - lat["scan_path"] - lat["merge"])
         for n_workers in workers:
@@ -270,9 +318,10 @@ def projection(res, n_items=10**9, workers=(10, 100, 1000), chunk=None):
             # in parallel across workers; take the serial bound per level.
             merge = merge_per_list * 8 * depth
             latency = scan_per_item * per_worker + merge + other
+            latency_kernel = kernel_per_item * per_worker + merge + other
             rows.append((n_queries, n_workers, per_worker * bytes_per_item / 2**30,
                          per_worker * M / 2**30, scan_per_item * per_worker, merge, other,
-                         latency))
+                         latency, kernel_per_item * per_worker, latency_kernel))
     return bytes_per_item, rows
 
 
@@ -291,17 +340,21 @@ def report(args, enc, res, proj):
         f"## Encode throughput ({args.n_encode:,} items, chunks of {args.chunk:,}, "
         f"median of {args.reps})",
         "",
-        "| workers | seconds | items/s | speed-up | load |",
-        "| --- | --- | --- | --- | --- |",
+        "| workers | seconds | items/s | speed-up | CPU s (all workers) | "
+        "items per CPU s | load |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     base = enc[1][1]
-    for n_workers, seconds, ld in enc:
+    for n_workers, seconds, ld, cpu in enc:
         name = "in process, 1 thread" if n_workers == 0 else n_workers
         lines.append(f"| {name} | {seconds:.2f} | {args.n_encode / seconds:,.0f} | "
-                     f"{base / seconds:.2f}x | {ld} |")
+                     f"{base / seconds:.2f}x | {cpu:.2f} | {args.n_encode / cpu:,.0f} | "
+                     f"{ld} |")
     lines.append("")
-    lines.append("(in process: a fifth of the items, time scaled by 5; speed-up "
-                 "relative to 1 worker.)")
+    lines.append("(in process: a fifth of the items, times scaled by 5; speed-up "
+                 "relative to 1 worker. Items per CPU second: the throughput a "
+                 "worker reaches on a core of its own; the wall-clock speed-up is "
+                 "bounded by the cores the machine's other jobs leave free.)")
     grown = {w: after - before for w, (before, after) in res["workers"].items()}
     codes_only = {w: res["workers_codes"][w] - before
                   for w, (before, _) in res["workers"].items()}
@@ -327,14 +380,16 @@ def report(args, enc, res, proj):
         f"{res['load_query']})",
         "",
         "| queries | wall ms | scan task ms (one chunk) | scan, slowest worker ms | "
-        "merge ms (all tasks) | rest ms | in memory, 1 thread ms |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "merge ms (all tasks) | rest ms | workers' CPU ms | kernel on one chunk, "
+        "in process ms | in memory, whole index, 1 thread ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for n_queries, lat in res["latency"].items():
         rest = lat["wall"] - lat["scan_path"] - lat["merge"]
         lines.append(
             f"| {n_queries} | {lat['wall'] * 1e3:.1f} | {lat['scan_task'] * 1e3:.1f} | "
             f"{lat['scan_path'] * 1e3:.1f} | {lat['merge'] * 1e3:.2f} | {rest * 1e3:.1f} | "
+            f"{lat['workers_cpu'] * 1e3:.1f} | {lat['kernel_chunk'] * 1e3:.2f} | "
             f"{res['in_memory'][n_queries] * 1e3:.1f} |")
     lines += [
         "",
@@ -346,15 +401,21 @@ def report(args, enc, res, proj):
         "latency: the measured scan time per item (one chunk task / its items) "
         "times the items per worker, plus the measured merge time per chunk "
         "list times 8 per level of the 8-ary merge tree, plus the measured rest "
-        "(scheduling, tables, re-sum), taken as constant.",
+        "(scheduling, tables, re-sum), taken as constant. The last two columns "
+        "replace the scan task times (which include waiting for a core of this "
+        "shared machine, and the worker's messaging) by the scan kernel's time "
+        "on one chunk in the client process, one thread: the latency on cores "
+        "of their own.",
         "",
-        "| queries | workers | memory / worker GiB (codes only) | scan s | merge s | "
-        "rest s | latency s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| queries | workers | memory / worker GiB (codes only) | scan s (tasks) | "
+        "merge s | rest s | latency s (tasks) | scan s (kernel) | latency s (kernel) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for n_queries, n_workers, mem, codes, scan, merge, other, latency in rows:
+    for (n_queries, n_workers, mem, codes, scan, merge, other, latency, scan_cpu,
+         latency_cpu) in rows:
         lines.append(f"| {n_queries} | {n_workers} | {mem:.2f} ({codes:.2f}) | {scan:.3f} | "
-                     f"{merge:.4f} | {other:.3f} | {latency:.3f} |")
+                     f"{merge:.4f} | {other:.3f} | {latency:.3f} | {scan_cpu:.3f} | "
+                     f"{latency_cpu:.3f} |")
     return "\n".join(lines) + "\n"
 
 
