@@ -58,7 +58,8 @@ def cpu_model():
 
 
 def load():
-    return "load average %.2f %.2f %.2f" % os.getloadavg()
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
 
 
 def rss_mib(pid=None):
@@ -284,6 +285,7 @@ def index_and_query(model, n, chunk, reps, pause=0.0):
                             strict=True):
                 assert np.array_equal(a, b), "dask and in-memory results differ"
         out["in_memory"] = mem
+        out["per_task"], out["noop"] = scheduler_overhead(client, reps)
         limits.restore_original_limits()
         if torch:
             torch.set_num_threads(torch_threads)
@@ -293,35 +295,76 @@ def index_and_query(model, n, chunk, reps, pause=0.0):
     return out
 
 
-def projection(res, n_items=10**9, workers=(10, 100, 1000), chunk=None):
+def n_tasks(n_chunks):
+    """Scan and merge tasks of one search over ``n_chunks`` chunks (8-ary tree)."""
+    tasks, level = n_chunks, n_chunks
+    while True:
+        level = math.ceil(level / 8)
+        tasks += level
+        if level == 1:
+            return tasks
+
+
+def scheduler_overhead(client, reps):
+    """Seconds the cluster adds per task: wall time of graphs of 40 and 400
+    no-op tasks (reduced by one task), difference over the 360 extra tasks."""
+    import uuid
+
+    import dask
+
+    def noop(i):
+        return i
+
+    def total(parts):
+        return len(parts)
+
+    times = {}
+    for n in (40, 400):
+        walls = []
+        for _ in range(reps):
+            token = uuid.uuid4().hex
+            parts = [dask.delayed(noop)(i, dask_key_name=f"noop-{token}-{i}") for i in range(n)]
+            t0 = time.perf_counter()
+            dask.compute(dask.delayed(total)(parts, dask_key_name=f"total-{token}"))
+            walls.append(time.perf_counter() - t0)
+        times[n] = statistics.median(walls)
+    return (times[400] - times[40]) / 360, times
+
+
+def projection(res, chunk, big_chunk, n_items=10**9, workers=(10, 100, 1000)):
     """Memory per worker and latency for ``n_items`` on N workers (1 thread
-    each), from the measured per-item costs."""
+    each, chunks of about ``big_chunk`` items), from the measured costs."""
     n = res["n"]
     # Worker memory per item, measured: resident growth of the workers
     # (codes, and the per-chunk scan objects built by the first query).
     grown = sum(after - before for before, after in res["workers"].values())
     bytes_per_item = grown * 2**20 / n
+    measured_tasks = n_tasks(res["n_chunks"])
     rows = []
     for n_queries, lat in res["latency"].items():
-        scan_per_item = lat["scan_task"] / chunk  # seconds per item, one thread
-        # The workers' CPU time per item (scans, merges, their messaging): what
-        # a dedicated core would take, where task times include waiting for
-        # a core of this shared machine.
+        # Scan seconds per item on one thread: from the tasks' times (which
+        # include waiting for a core of this shared machine, and the worker's
+        # messaging), and from the kernel on one chunk in process (a core of
+        # its own).
+        scan_per_item = lat["scan_task"] / chunk
         kernel_per_item = lat["kernel_chunk"] / chunk
-        merge_per_list = lat["merge"] / max(1, res["n_chunks"])  # per merged chunk list
-        other = max(0.0, lat["wall"] - lat["scan_path"] - lat["merge"])
+        merge_per_list = lat["merge"] / max(1, res["n_chunks"])
+        rest = max(0.0, lat["wall"] - lat["scan_path"] - lat["merge"])
         for n_workers in workers:
             per_worker = n_items / n_workers
-            n_chunks = math.ceil(n_items / chunk)
-            depth = max(1, math.ceil(math.log(n_chunks, 8)))
-            # Merges: every chunk list is merged once per level it climbs,
-            # in parallel across workers; take the serial bound per level.
+            # Whole chunks per worker: at least one each.
+            n_chunks = n_workers * math.ceil(math.ceil(n_items / big_chunk) / n_workers)
+            depth = math.ceil(math.log(n_chunks, 8))
+            # Each level of the tree merges lists of k entries, 8 at a time;
+            # the levels run one after the other.
             merge = merge_per_list * 8 * depth
-            latency = scan_per_item * per_worker + merge + other
-            latency_kernel = kernel_per_item * per_worker + merge + other
-            rows.append((n_queries, n_workers, per_worker * bytes_per_item / 2**30,
-                         per_worker * M / 2**30, scan_per_item * per_worker, merge, other,
-                         latency, kernel_per_item * per_worker, latency_kernel))
+            # The measured rest, plus the scheduler's cost of the extra tasks.
+            other = rest + (n_tasks(n_chunks) - measured_tasks) * res["per_task"]
+            rows.append((n_queries, n_workers, n_chunks, per_worker * bytes_per_item / 2**30,
+                         per_worker * M / 2**30, scan_per_item * per_worker,
+                         kernel_per_item * per_worker, merge, other,
+                         scan_per_item * per_worker + merge + other,
+                         kernel_per_item * per_worker + merge + other))
     return bytes_per_item, rows
 
 
@@ -397,25 +440,27 @@ def report(args, enc, res, proj):
         "",
         "## Projection: one billion items on N workers (1 thread each)",
         "",
-        "Per worker: 10^9 / N items. Memory: the measured bytes per item above; "
-        "latency: the measured scan time per item (one chunk task / its items) "
-        "times the items per worker, plus the measured merge time per chunk "
-        "list times 8 per level of the 8-ary merge tree, plus the measured rest "
-        "(scheduling, tables, re-sum), taken as constant. The last two columns "
-        "replace the scan task times (which include waiting for a core of this "
-        "shared machine, and the worker's messaging) by the scan kernel's time "
-        "on one chunk in the client process, one thread: the latency on cores "
-        "of their own.",
+        f"Per worker: 10^9 / N items, in chunks of about {args.projection_chunk:,} "
+        "items (at least one per worker). Memory: the measured bytes per item "
+        "above. Scan: the measured seconds per item on one thread times the items "
+        "per worker, from the scan tasks' times on this loaded machine "
+        "('tasks') or from the kernel on one chunk in process ('kernel', "
+        "a core of its own). Merge: the measured merge time per chunk list, "
+        "times 8 per level of the 8-ary tree. Rest: the measured rest plus the "
+        f"cluster's measured cost per extra task ({res['per_task'] * 1e3:.2f} ms: "
+        f"{res['noop'][40] * 1e3:.0f} ms for 40 no-op tasks, "
+        f"{res['noop'][400] * 1e3:.0f} ms for 400) times the extra scan and merge "
+        "tasks.",
         "",
-        "| queries | workers | memory / worker GiB (codes only) | scan s (tasks) | "
-        "merge s | rest s | latency s (tasks) | scan s (kernel) | latency s (kernel) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| queries | workers | chunks | memory / worker GiB (codes only) | scan s (tasks) | "
+        "scan s (kernel) | merge s | rest s | latency s (tasks) | latency s (kernel) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for (n_queries, n_workers, mem, codes, scan, merge, other, latency, scan_cpu,
-         latency_cpu) in rows:
-        lines.append(f"| {n_queries} | {n_workers} | {mem:.2f} ({codes:.2f}) | {scan:.3f} | "
-                     f"{merge:.4f} | {other:.3f} | {latency:.3f} | {scan_cpu:.3f} | "
-                     f"{latency_cpu:.3f} |")
+    for (n_queries, n_workers, n_chunks, mem, codes, scan, scan_kernel, merge, other,
+         latency, latency_kernel) in rows:
+        lines.append(f"| {n_queries} | {n_workers} | {n_chunks} | {mem:.2f} ({codes:.2f}) | "
+                     f"{scan:.3f} | {scan_kernel:.3f} | {merge:.4f} | {other:.3f} | "
+                     f"{latency:.3f} | {latency_kernel:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -427,6 +472,7 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--pause", type=float, default=0.0)
+    parser.add_argument("--projection-chunk", type=int, default=2_500_000)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "dask.md"))
     import sys
 
@@ -441,7 +487,7 @@ def main():
     time.sleep(args.pause)
     res = index_and_query(model, args.n_index, args.chunk, args.reps, args.pause)
     res["n"] = args.n_index
-    proj = projection(res, chunk=args.chunk)
+    proj = projection(res, args.chunk, args.projection_chunk)
     text = report(args, enc, res, proj)
     print(text)
     Path(args.out).write_text(text)

@@ -205,10 +205,15 @@ class BaseQuantizer(
 
         Parameters
         ----------
-        X : {array-like, sparse matrix} of shape (n_samples, n_features)
-            Items to index.
+        X : {array-like, sparse matrix, dask array} of shape (n_samples, n_features)
+            Items to index. A dask array (rows in chunks) is encoded on the
+            workers, one task per chunk, and its codes stay there:
+            ``codes_`` and ``database_labels_`` become persisted dask arrays
+            and searches run chunk by chunk (see the user guide, "A database
+            on a dask cluster"); an in-memory ``X`` brings the database back.
         y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
-            Their labels, used by :meth:`score`.
+            Their labels, used by :meth:`score` (a dask array, or an array,
+            with a dask ``X``).
 
         Returns
         -------
@@ -294,8 +299,11 @@ class BaseQuantizer(
 
         Parameters
         ----------
-        X : {array-like, sparse matrix} of shape (n_samples, n_features)
-            Items to append; their indices follow the existing ones.
+        X : {array-like, sparse matrix, dask array} of shape (n_samples, n_features)
+            Items to append; their indices follow the existing ones. A dask
+            array moves the database to the cluster (the indexed items become
+            its first chunks); an in-memory ``X`` added to a dask-backed
+            database becomes a new chunk on the cluster.
         y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
             Their labels; required when the index holds labels, and refused
             when it holds none.
@@ -453,7 +461,7 @@ class BaseQuantizer(
 
         Parameters
         ----------
-        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+        X : {array-like, sparse matrix, dask array} of shape (n_samples, n_features)
             Input data.
 
         Returns
@@ -476,7 +484,7 @@ class BaseQuantizer(
 
         Parameters
         ----------
-        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+        X : {array-like, sparse matrix, dask array} of shape (n_samples, n_features)
             Input data.
 
         Returns
