@@ -197,9 +197,15 @@ def test_worker_lost_between_two_queries_changes_no_result(client, digits):
     pq.index(da.from_array(X_db, chunks=(CHUNKS, -1)))
     before = pq.kneighbors(X[:30], n_neighbors=6)
     worker = next(iter(client.scheduler_info()["workers"]))
-    client.restart_workers([worker])
-    after = pq.kneighbors(X[:30], n_neighbors=6)
+    with distributed.get_task_stream(client) as stream:
+        client.restart_workers([worker])
+        after = pq.kneighbors(X[:30], n_neighbors=6)
     _assert_all_equal(after, before)
+    # The lost chunks were encoded again (and their cells assigned again),
+    # as soon as the worker left or by the query.
+    keys = [str(task["key"]) for task in stream.data]
+    assert any("_encode_chunk" in k for k in keys)
+    assert any("_assign_chunk" in k for k in keys)
     assert_array_equal(pq.codes_.compute(), pq.encode(X_db))
 
 
