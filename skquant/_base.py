@@ -437,6 +437,13 @@ class BaseQuantizer(
     def codes_(self, codes):
         # Replacing the codes keeps the labels and the coarse quantizer; the
         # cells are rebuilt from the new codes.
+        if is_dask_array(codes) != isinstance(self.index_, DaskIndex):
+            where = "on a dask cluster" if isinstance(self.index_, DaskIndex) else "in memory"
+            raise TypeError(
+                f"The database is {where}, so codes_ takes "
+                f"{'a dask array' if where != 'in memory' else 'an in-memory array'}; "
+                f"got {type(codes).__name__}. Use index() or add() to move it."
+            )
         self.index_.replace(codes, self.index_.labels)
 
     @property

@@ -316,6 +316,21 @@ def test_bad_dask_input_is_refused_clearly(client, digits):
         pq.index(da.from_array(X_nan, chunks=100))
 
 
+def test_codes_setter_keeps_the_database_where_it_is(client, digits):
+    X, y, X_db, *_ = digits
+    pq = FACTORIES["PQ"]().fit(X, y)
+    codes = pq.encode(X_db)
+    with pytest.raises(TypeError, match="in memory, so codes_ takes an in-memory array"):
+        pq.codes_ = da.from_array(codes, chunks=100)
+    pq.index(da.from_array(X_db, chunks=(CHUNKS, -1)))
+    with pytest.raises(TypeError, match="on a dask cluster, so codes_ takes a dask array"):
+        pq.codes_ = codes
+    pq.codes_ = da.from_array(codes[::-1], chunks=250)
+    assert isinstance(pq.codes_, da.Array) and pq.codes_.chunks[0] == (250,) * 4
+    assert_array_equal(pq.kneighbors(X[:5])[1],
+                       FACTORIES["PQ"]().fit(X, y).index(X_db[::-1]).kneighbors(X[:5])[1])
+
+
 def test_synchronous_scheduler_without_a_cluster(digits):
     # No distributed client: the same graphs run in this process.
     X, y, X_db, y_db, Q, _ = digits
