@@ -339,3 +339,6 @@ def test_synchronous_scheduler_without_a_cluster(digits):
     with dask.config.set(scheduler="synchronous"):
         pq.index(da.from_array(X_db, chunks=(CHUNKS, -1)), y_db)
         _assert_all_equal(_results(pq, Q), expected)
+        # Dask queries are computed (results are in-memory arrays anyway).
+        _assert_all_equal(pq.kneighbors(da.from_array(Q, chunks=30), n_neighbors=10),
+                          expected[:2])
