@@ -40,21 +40,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_search import _cpu_model  # benchmarks/ is on sys.path when run as a script
 
 M, K, DIM, K_NEIGHBORS = 8, 256, 16, 10
 # One query (per-query kernel) and a batch (the batch kernel starts at 12).
 QUERY_BATCHES = (1, 16)
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load():
@@ -373,7 +363,7 @@ def report(args, enc, res, proj):
     lines = [
         "# DaskIndex: a database on a dask cluster",
         "",
-        f"CPU: {cpu_model()}; {os.cpu_count()} logical CPUs, "
+        f"CPU: {_cpu_model()}; {os.cpu_count()} logical CPUs, "
         f"{len(os.sched_getaffinity(0))} usable; workers: 1 thread each (processes); "
         f"python {platform.python_version()}.",
         f"Command: `python benchmarks/bench_dask.py {' '.join(args.argv)}`".rstrip() + ".",
@@ -480,7 +470,7 @@ def main():
     args.argv = sys.argv[1:]
     if args.quick:
         args.n_encode, args.n_index, args.chunk = 200_000, 1_000_000, 100_000
-    print(f"CPU: {cpu_model()}; threads: {os.cpu_count()}; {load()}", flush=True)
+    print(f"CPU: {_cpu_model()}; threads: {os.cpu_count()}; {load()}", flush=True)
     model = fit_model()
     enc = encode_throughput(model, args.n_encode, args.chunk, args.reps)
     print("encode:", enc, flush=True)

@@ -476,14 +476,14 @@ def run_method(data, method, bits, *, seed, device, params, train_y=None, label=
     # two best reconstructions; identical codes give identical scores.
     Zq = est.transform(X[q]).astype(np.float64)
     best = [est.decode(est.codes_[top[:, j]]).astype(np.float64) for j in (0, 1)]
-    if est._metric == "euclidean":
+    if est.quantizer_.metric == "euclidean":
         top2 = np.stack([((Zq - b) ** 2).sum(1) for b in best], axis=1)
     else:
         top2 = np.stack([(Zq * b).sum(1) for b in best], axis=1)
     res["tie_share_1"] = top_tie_share(top2)
 
     if method in ("dqn", "dsq"):
-        metric = est._metric
+        metric = est.quantizer_.metric
         Zq, Zdb = est.transform(X[q]), est.transform(X[db])
         exact = ranking_metrics(y[q], y[db], exact_ranking(Zq, Zdb, metric))
         res["exact_embedding_map_all"] = exact["map_all"]

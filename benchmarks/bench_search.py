@@ -11,12 +11,14 @@ each repetition, so the machine's noise hits them alike and the ratios are
 taken in the same run. Recall@10 against faiss counts ties: a returned item
 also counts when its float64 AQD is within the largest AQD of faiss's 10.
 
-Non-exhaustive part (``--ivf``): N = 10,000,000 codes of the same mixture
-(generated and encoded in chunks: only codes are kept), M = 8. skquant's
-inverted file (``n_lists``, ``n_probe``; direct codes) against exhaustive
-skquant (recall@10 against exhaustive AQD, with ties; speed-up) and faiss
-``IndexIVFPQ`` (residual codes) at the same ``nlist``/``nprobe``; recall@10
-against exact float search for all of them.
+Inverted-file part (``--ivf``, the setup of issue 15): a 64-d Gaussian
+mixture, M = 8 x 256, nlist = 1024, k = 10; skquant ``ProductQuantizer(
+n_lists, n_probe)`` (residual codes) and faiss ``IndexIVFPQ`` both trained on
+the same 100,000 vectors and indexing the same 1,000,000 (``--n-items`` for a
+smaller run); an n_probe sweep up to nlist; recall@10 against exact float
+search, queries/s in batches and one at a time, build times, ratios in the
+same run; skquant's exhaustive search on codes of the same size for
+reference.
 
 Peak extra memory: resident-set high-water mark during the timed call minus
 the resident set before it (``/proc/self/clear_refs``), and for skquant the
@@ -26,7 +28,7 @@ numpy allocations traced by ``tracemalloc`` (the engine's scratch, bounded by
 Run::
 
     python benchmarks/bench_search.py              # exhaustive, ~3 min
-    python benchmarks/bench_search.py --ivf        # + the 10M inverted file
+    python benchmarks/bench_search.py --ivf --no-exhaustive   # inverted file, 1M
     python benchmarks/bench_search.py --quick      # small smoke run
 
 Markdown tables are printed and written to ``benchmarks/results/search.md``
@@ -284,137 +286,162 @@ def exhaustive(args, mixture, out):
 
 
 # ---------------------------------------------------------------------------
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def non_exhaustive(args, mixture, out):
+    """skquant ProductQuantizer(n_lists, n_probe) against faiss IndexIVFPQ.
+
+    Both are trained on the same ``--ivf-train`` vectors and index the same
+    ``--n-items`` vectors of the mixture; recall@k against exact float
+    search (faiss IndexFlatL2); queries/s in batches and one at a time, the
+    two libraries interleaved; build = training + indexing.
+    """
     import faiss
+    from threadpoolctl import threadpool_limits
 
     from skquant import ProductQuantizer
-    from skquant._codebooks import ProductCodebooks
-    from skquant._index import train_coarse_quantizer
 
-    threads, M, n, k = args.threads, 8, args.ivf_n, args.k
+    threads, M, n, k, n_lists = args.threads, 8, args.n_items, args.k, args.n_lists
     faiss.omp_set_num_threads(threads)
-    chunk = 500_000
-    xt = mixture.sample(max(args.n_train, 64 * args.n_lists), 3)
+    xt = mixture.sample(args.ivf_train, 3)
+    xb = np.concatenate(list(mixture.chunks(n, 1_000_000, 1000)))
     xq = mixture.sample(args.ivf_queries, 4)
     single = xq[: args.single]
+    flat = faiss.IndexFlatL2(DIM)
+    flat.add(xb)
+    _, exact = flat.search(xq, k)
+    del flat
 
-    t0 = time.perf_counter()
-    pq_index = faiss.IndexPQ(DIM, M, 8)
-    pq_index.train(xt[: args.n_train])
-    ivf_index = faiss.IndexIVFPQ(faiss.IndexFlatL2(DIM), DIM, args.n_lists, M, 8)
-    ivf_index.train(xt)
-    codes = np.empty((n, M), dtype=np.uint8)
-    # Exact neighbours of the queries, merged chunk by chunk.
-    exact_d = np.full((args.exact_queries, k), np.inf, dtype=np.float32)
-    exact_i = np.zeros((args.exact_queries, k), dtype=np.int64)
-    for i, x in enumerate(mixture.chunks(n, chunk, 1000)):
-        start = i * chunk
-        codes[start : start + len(x)] = pq_index.sa_encode(x).reshape(-1, M)
-        ivf_index.add(x)
-        flat = faiss.IndexFlatL2(DIM)
-        flat.add(x)
-        d, j = flat.search(xq[: args.exact_queries], k)
-        d = np.hstack([exact_d, d])
-        j = np.hstack([exact_i, j + start])
-        order = np.argsort(d, axis=1, kind="stable")[:, :k]
-        exact_d = np.take_along_axis(d, order, 1)
-        exact_i = np.take_along_axis(j, order, 1)
-    t_data = time.perf_counter() - t0
-    print(f"10M data, codes, faiss IVFPQ and ground truth in {t_data:.0f} s", flush=True)
+    def recall(ids):
+        return recall_ids(ids, exact)
 
-    pq = ProductQuantizer(n_codebooks=M, n_jobs=threads, n_lists=args.n_lists)
-    from faiss.contrib.inspect_tools import get_pq_centroids
+    build = {}
+    with threadpool_limits(threads):
+        t0 = time.perf_counter()
+        ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(DIM), DIM, n_lists, M, 8)
+        ivf.train(xt)
+        build["faiss train"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ivf.add(xb)
+        build["faiss add"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pq = ProductQuantizer(n_codebooks=M, n_lists=n_lists, n_jobs=threads,
+                              random_state=0).fit(xt)
+        build["skquant fit"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pq.index(xb)
+        pq.kneighbors(xq[:1])  # scan layouts built once, on first search
+        build["skquant index"] = time.perf_counter() - t0
+        # Coarse quantizer alone (k-means on the training set), both libraries.
+        t0 = time.perf_counter()
+        km = faiss.Kmeans(DIM, n_lists, niter=ivf.cp.niter, seed=1234)
+        km.train(xt)
+        build["faiss coarse k-means"] = time.perf_counter() - t0
+        from skquant._index import RESIDUAL_POINTS_PER_LIST, train_coarse_quantizer
 
-    pq.quantizer_ = ProductCodebooks(
-        np.ascontiguousarray(get_pq_centroids(pq_index.pq), dtype=np.float32)
-    )
-    pq.n_features_in_ = DIM
-    pq._set_index(codes, None)
-    exhaustive = ProductQuantizer(n_codebooks=M, n_jobs=threads)
-    exhaustive.set_params()
-    exhaustive.quantizer_ = pq.quantizer_
-    exhaustive.n_features_in_ = DIM
-    exhaustive._set_index(codes, None)
-    del codes
+        t0 = time.perf_counter()
+        train_coarse_quantizer(xt, n_lists, random_state=0,
+                               max_points_per_list=RESIDUAL_POINTS_PER_LIST)
+        build["skquant coarse k-means"] = time.perf_counter() - t0
+        # Exhaustive skquant on codes of the same size (faiss IndexPQ codebooks).
+        flat_pq = faiss.IndexPQ(DIM, M, 8)
+        flat_pq.train(xt)
+        flat_pq.add(xb)
+        exhaustive = ProductQuantizer.from_faiss(flat_pq).set_params(n_jobs=threads)
+        del flat_pq
+    print("build (s): " + ", ".join(f"{n}: {t:.1f}" for n, t in build.items()), flush=True)
 
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(0)
-    sample = np.sort(rng.choice(n, min(n, 64 * args.n_lists), replace=False))
-    pq.coarse_centroids_ = train_coarse_quantizer(
-        pq.decode(pq.codes_[sample]), args.n_lists, random_state=0
-    )
-    t_train = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pq.kneighbors(xq[:1])  # builds the cells (assigns the 10M reconstructions)
-    t_cells = time.perf_counter() - t0
-    print(f"coarse k-means {t_train:.1f} s, cells {t_cells:.1f} s", flush=True)
-
-    def ex_search(q):
+    def sk_ex(q):
         return exhaustive.kneighbors(q, n_neighbors=k)
 
-    exhaustive.kneighbors(xq[:64])  # warm-up
-    t_ex = alternate({"batch": lambda: ex_search(xq)}, args.reps)["batch"]
-    t_ex1 = alternate_single({"single": ex_search}, single)["single"]
-    ex_ids = ex_search(xq)[1]
+    with threadpool_limits(threads):
+        sk_ex(xq[:64])
+        t_ex = alternate({"b": lambda: sk_ex(xq)}, args.reps)["b"]
+        t_ex1 = alternate_single({"s": sk_ex}, single)["s"]
+        rec_ex = recall(sk_ex(xq)[1])
     qps_ex, qps_ex1 = len(xq) / t_ex, 1 / t_ex1
-    codebooks, codes_c = pq.codebooks_, np.ascontiguousarray(pq.codes_)
-    rows = [["exhaustive AQD (skquant)", "-", fmt(qps_ex1), "1.0x", fmt(qps_ex), "1.0x",
-             "1.000", f"{recall_ids(ex_ids[: args.exact_queries], exact_i):.3f}"]]
-    print(f"exhaustive: {qps_ex1:.1f} / {qps_ex:.1f} qps", flush=True)
-    # faiss's own exhaustive reference: every cell probed.
-    ivf_index.nprobe = args.n_lists
-    faiss_ex_d, faiss_ex_i = ivf_index.search(xq, k)
-    for n_probe in args.n_probe:
+    rows = [["skquant exhaustive (direct codes)", "-", fmt(qps_ex), "-", fmt(qps_ex1), "-",
+             f"{rec_ex:.3f}", "-"]]
+    curve = []
+    probes = [p for p in args.n_probe if p <= n_lists]
+    if n_lists not in probes:
+        probes.append(n_lists)
+    for n_probe in probes:
         pq.set_params(n_probe=n_probe)
-        ivf_index.nprobe = n_probe
+        ivf.nprobe = n_probe
 
         def sk_ivf(q):
             return pq.kneighbors(q, n_neighbors=k)
 
         def faiss_ivf(q):
-            return ivf_index.search(q, k)
+            return ivf.search(q, k)
 
-        sk_ivf(xq[:64])
-        faiss_ivf(xq[:64])
-        tb = alternate({"sk": lambda: sk_ivf(xq), "faiss": lambda: faiss_ivf(xq)}, args.reps)
-        t1 = alternate_single({"sk": sk_ivf, "faiss": faiss_ivf}, single)
-        sk_ids = sk_ivf(xq)[1]
-        faiss_ids = faiss_ivf(xq)[1]
-        ties, _ = recall_with_ties(codebooks, codes_c, xq, sk_ids, ex_ids)
-        # faiss against its own exhaustive search (residual codes), ties by
-        # its own distances.
-        faiss_d = faiss_ivf(xq)[0]
-        bound = faiss_ex_d.max(axis=1, keepdims=True) * (1 + 1e-5) + 1e-9
-        ties_f = float(np.mean(faiss_d <= bound))
-        for name, key, rec in [("skquant IVF (direct codes)", "sk", ties),
-                               ("faiss IndexIVFPQ (residual codes)", "faiss", ties_f)]:
-            ids = sk_ids if key == "sk" else faiss_ids
-            qb, q1 = len(xq) / tb[key], 1 / t1[key]
-            rows.append([name, n_probe, fmt(q1), f"{q1 / qps_ex1:.1f}x", fmt(qb),
-                         f"{qb / qps_ex:.1f}x", f"{rec:.3f}", f"{recall_ids(ids[: args.exact_queries], exact_i):.3f}"])
-        print(f"n_probe={n_probe}: " + " | ".join(" ".join(r[2:]) for r in rows[-2:]),
-              flush=True)
+        with threadpool_limits(threads):
+            sk_ivf(xq[:64])
+            faiss_ivf(xq[:64])
+            tb = alternate({"sk": lambda: sk_ivf(xq), "faiss": lambda: faiss_ivf(xq)},
+                           args.reps)
+            t1 = alternate_single({"sk": sk_ivf, "faiss": faiss_ivf}, single)
+            r_sk, r_f = recall(sk_ivf(xq)[1]), recall(faiss_ivf(xq)[1])
+        qb = {key: len(xq) / t for key, t in tb.items()}
+        q1 = {key: 1 / t for key, t in t1.items()}
+        curve.append((n_probe, r_sk, r_f, qb["sk"], qb["faiss"], q1["sk"], q1["faiss"]))
+        rows.append(["faiss IndexIVFPQ", n_probe, fmt(qb["faiss"]), "1.00x", fmt(q1["faiss"]),
+                     "1.00x", f"{r_f:.3f}", "-"])
+        rows.append(["skquant ProductQuantizer", n_probe, fmt(qb["sk"]),
+                     f"{qb['sk'] / qb['faiss']:.2f}x", fmt(q1["sk"]),
+                     f"{q1['sk'] / q1['faiss']:.2f}x", f"{r_sk:.3f}", f"{r_sk - r_f:+.3f}"])
+        print(f"n_probe={n_probe}: skquant {qb['sk']:.0f} / {q1['sk']:.0f} q/s, recall "
+              f"{r_sk:.3f}; faiss {qb['faiss']:.0f} / {q1['faiss']:.0f} q/s, recall {r_f:.3f} "
+              f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
+    sk_build = build["skquant fit"] + build["skquant index"]
+    f_build = build["faiss train"] + build["faiss add"]
     text = [
-        f"### Non-exhaustive search: N = {n:,} (Gaussian mixture, {N_CENTRES} centres), "
-        f"M = {M}, K = 256, n_lists = {args.n_lists}, k = {k}, {threads} threads",
+        f"### Inverted file: N = {n:,} (Gaussian mixture, {N_CENTRES} centres, D = {DIM}), "
+        f"M = {M} x 256 (8 bytes), n_lists = {n_lists}, k = {k}, {threads} threads",
         "",
-        f"Batch = {len(xq)} queries (median of {args.reps}); single = median over "
-        f"{args.single} one-query calls. Speed-ups are to exhaustive skquant search "
-        "in the same run. Recall against exhaustive search counts ties (an item also counts "
-        "when its distance is within the largest distance of the exhaustive top-10): skquant "
-        "against its exhaustive AQD (= faiss `IndexPQ`), faiss `IndexIVFPQ` against itself "
-        "with every cell probed (its residual codes are other codes of the same size, so "
-        "its recall against exact search is the cross-method comparison). "
-        f"Build: coarse k-means {t_train:.1f} s (on {len(sample):,} reconstructions), "
-        f"cell assignment of {n:,} codes {t_cells:.1f} s.",
+        f"Both trained on the same {len(xt):,} vectors, both index the same {n:,}. "
+        f"skquant `ProductQuantizer(n_codebooks={M}, n_lists={n_lists}, n_probe=...)` "
+        "(residual codes, the default) against faiss `IndexIVFPQ` (residual codes, "
+        f"precomputed tables) at the same nlist/nprobe. Batch = {len(xq)} queries "
+        f"(median of {args.reps} calls); single = median latency over {len(single)} "
+        "one-query calls; the two libraries interleaved. Recall@10 against exact float "
+        f"search (faiss `IndexFlatL2`) over the {len(xq)} queries. Ratios are skquant / "
+        "faiss in the same run.",
         "",
-        table(["method", "n_probe", "qps single", "speed-up", f"qps batch {len(xq)}",
-               "speed-up", "recall@10 vs own exhaustive",
-               f"recall@10 vs exact ({args.exact_queries} queries)"], rows),
+        table(["method", "n_probe", "q/s batch", "vs faiss", "q/s single", "vs faiss",
+               "recall@10 vs exact", "recall - faiss's"], rows),
+        "",
+        "Build (seconds, same run): "
+        + ", ".join(f"{name} {t:.1f}" for name, t in build.items())
+        + f". Training + indexing: skquant {sk_build:.1f} s, faiss {f_build:.1f} s "
+        f"({sk_build / f_build:.2f}x). skquant's fit trains its sub-space codebooks with "
+        "scikit-learn `KMeans` (k-means++, up to 100 Lloyd iterations), faiss its own "
+        "(25 iterations); the coarse k-means alone: skquant "
+        f"{build['skquant coarse k-means']:.1f} s, faiss {build['faiss coarse k-means']:.1f} s "
+        f"({build['skquant coarse k-means'] / build['faiss coarse k-means']:.2f}x); "
+        f"indexing (cell assignment + encoding): skquant {build['skquant index']:.1f} s, "
+        f"faiss {build['faiss add']:.1f} s "
+        f"({build['skquant index'] / build['faiss add']:.2f}x).",
     ]
     out.append("\n".join(text))
     print("\n".join(text), flush=True)
+    if args.curve:
+        Path(args.curve).write_text(
+            "n_probe,recall_skquant,recall_faiss,qps_batch_skquant,qps_batch_faiss,"
+            "qps_single_skquant,qps_single_faiss\n"
+            + "".join(",".join(f"{v:.4g}" for v in row) + "\n" for row in curve)
+        )
 
 
 def main():
@@ -427,21 +454,25 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=N_THREADS_DEFAULT)
     parser.add_argument("--n-train", type=int, default=50_000)
-    parser.add_argument("--ivf", action="store_true", help="run the 10M inverted-file part")
+    parser.add_argument("--ivf", action="store_true", help="run the inverted-file part")
     parser.add_argument("--no-exhaustive", action="store_true")
-    parser.add_argument("--ivf-n", type=int, default=10_000_000)
+    parser.add_argument("--n-items", type=int, default=1_000_000,
+                        help="indexed items of the inverted-file part")
+    parser.add_argument("--ivf-train", type=int, default=100_000,
+                        help="training vectors of the inverted-file part")
     parser.add_argument("--ivf-queries", type=int, default=1000)
-    parser.add_argument("--n-lists", type=int, default=2048)
-    parser.add_argument("--exact-queries", type=int, default=200,
-                        help="queries with exact (float) ground truth, the first ones")
-    parser.add_argument("--n-probe", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--n-lists", type=int, default=1024)
+    parser.add_argument("--n-probe", type=int, nargs="+",
+                        default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 1024])
+    parser.add_argument("--curve", default=None,
+                        help="also write the recall/speed curve of the inverted file as CSV")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "search.md"))
     args = parser.parse_args()
     if args.quick:
         args.n, args.m, args.queries, args.single, args.reps = 100_000, [8], 200, 10, 2
-        args.ivf_n, args.n_lists, args.n_probe, args.ivf_queries = 200_000, 256, [4, 16], 200
-        args.exact_queries = 100
+        args.n_items, args.n_lists, args.n_probe, args.ivf_queries = 100_000, 128, [4, 16], 200
+        args.ivf_train = 20_000
 
     import faiss
     import sklearn
@@ -451,8 +482,8 @@ def main():
     out = [
         "## Search benchmark (`benchmarks/bench_search.py`)",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
-        f"visible; numpy {np.__version__}, scikit-learn {sklearn.__version__}, "
+        f"Machine: {_cpu_model()}, {os.cpu_count()} CPUs visible, {args.threads} threads "
+        f"used; numpy {np.__version__}, scikit-learn {sklearn.__version__}, "
         f"faiss {faiss.__version__}, torch {torch.__version__} (torch is used lazily by "
         "the batch kernel). Load average at start: "
         + ", ".join(f"{x:.1f}" for x in os.getloadavg()) + ".",

@@ -103,7 +103,16 @@ def _validate_chunk(X):
 
 
 def _encode_chunk(X, model):
-    return model._encode_rows(_validate_chunk(X))
+    return model._encode_rows(_validate_chunk(X))[0]
+
+
+def _encode_cells_chunk(X, model):
+    """Residual codes and their cells side by side: (n, n_codebooks + 1) int32."""
+    codes, cells = model._encode_rows(_validate_chunk(X))
+    out = np.empty((len(cells), codes.shape[1] + 1), dtype=np.int32)
+    out[:, :-1] = codes
+    out[:, -1] = cells
+    return out
 
 
 def _transform_chunk(X, model):
@@ -133,7 +142,10 @@ class BaseQuantizer(
     - ``_fit(X, y)``: learn the model from validated ``X`` and labels (``None``,
       1-D, or a 2-D indicator); set ``quantizer_``, a codebook object of
       :mod:`skquant._codebooks` (product or additive codebooks, which also
-      fix the metric that ``kneighbors`` reports).
+      fix the metric that ``kneighbors`` reports). It may return the coarse
+      centroids ``(n_lists, dim)`` ndarray when its codebooks encode
+      residuals to them (then the index stores residual codes); any other
+      return value is ignored.
     - ``_embed(X)``: validated ``X`` -> float32 embedding ``(n, D)``.
 
     Everything else is delegated: ``fit`` then indexes ``X`` in ``index_``,
@@ -186,13 +198,25 @@ class BaseQuantizer(
                 "index(X) the dask array, which encodes it on the workers."
             )
         X, y = self._validate_input(X, y, reset=True)
-        self._fit(X, y)
-        codes = self._encode_rows(X)
+        fitted = self._fit(X, y)
+        # Only an array means residual codes (some _fit return self).
+        residual_centroids = fitted if isinstance(fitted, np.ndarray) else None
+        quantizer = self.quantizer_
+        empty = np.empty((0, quantizer.n_codebooks), dtype=quantizer.code_dtype)
+        self.index_ = QuantizedIndex(
+            quantizer, empty, coarse_centroids=residual_centroids,
+            cells=None if residual_centroids is None else np.empty(0, np.int32),
+            by_residual=residual_centroids is not None,
+        )
+        codes, cells = self._encode_rows(X)
         if hasattr(self, "history_"):
             # Networks trained on labels: a run that collapsed without a NaN
             # (CPU-dependent) must not pass silently.
             warn_if_collapsed(self, codes, y)
-        self._set_index(codes, y)
+        self.index_.replace(codes, y, cells=cells)
+        if self.index_.by_residual:
+            self.index_.n_items_trained = len(codes)
+            return self
         n_lists = getattr(self, "n_lists", None)
         if n_lists is not None and n_lists <= len(codes):
             # More cells than training items: the cells wait for a database
@@ -230,23 +254,25 @@ class BaseQuantizer(
         only the items are assigned to them: a database drawn like the
         training set is served well by its cells, while cells fitted on a
         small labelled sample of a far larger database are uneven (a few
-        huge cells, slow and imprecise probes).
+        huge cells, slow and imprecise probes). Residual codes
+        (``ProductQuantizer(by_residual=True)``) are encoded against the
+        cells learned by :meth:`fit`, which are never retrained here.
         """
         check_is_fitted(self)
         if is_dask_array(X) or is_dask_array(y):
-            codes, y = self._dask_database(X, y)
-            self.index_ = DaskIndex.like(self.index_, codes, y)
+            codes, y, cells = self._dask_database(X, y)
+            self.index_ = DaskIndex.like(self.index_, codes, y, cells)
         else:
             X, y = self._validate_input(X, y, reset=False)
+            codes, cells = self._encode_rows(X)
             if isinstance(self.index_, DaskIndex):
                 # Back to memory, with the same coarse quantizer.
-                index = QuantizedIndex(self.quantizer_, self._encode_rows(X), y,
-                                       coarse_centroids=self.index_.coarse_centroids)
-                index.n_items_trained = self.index_.n_items_trained
-                self.index_ = index
+                self.index_ = QuantizedIndex.like(self.index_, codes, y, cells)
             else:
-                self.index_.replace(self._encode_rows(X), y)
+                self.index_.replace(codes, y, cells=cells)
         n_lists = getattr(self, "n_lists", None)
+        if self.index_.by_residual:
+            return self
         if n_lists is not None and n_lists <= self.index_.n_items:
             trained = self.index_.n_items_trained
             if (self.index_.n_lists != n_lists or trained is None
@@ -262,6 +288,8 @@ class BaseQuantizer(
         changing ``n_lists`` with ``set_params``, or to fit the cells to a
         database indexed with :meth:`add`. :meth:`index` calls it by itself
         when the database is far larger than the cells' training set.
+        Not available for residual codes (``ProductQuantizer`` with
+        ``by_residual=True``), whose cells are part of the model: refit.
 
         Parameters
         ----------
@@ -315,7 +343,7 @@ class BaseQuantizer(
         """
         check_is_fitted(self)
         if is_dask_array(X) or is_dask_array(y):
-            codes, y = self._dask_database(X, y)
+            codes, y, cells = self._dask_database(X, y)
         else:
             X, y = self._validate_input(X, y, reset=False)
             codes = None
@@ -335,12 +363,12 @@ class BaseQuantizer(
                 f"shape {self.database_labels_.shape}."
             )
         if codes is None:
-            codes = self._encode_rows(X)
+            codes, cells = self._encode_rows(X)
         elif not isinstance(self.index_, DaskIndex):
             # The database moves to the cluster: the items already indexed
             # become its first chunks.
             self.index_ = DaskIndex.from_index(self.index_, max(codes.chunks[0]))
-        self.index_.add(codes, y)
+        self.index_.add(codes, y, cells=cells)
         return self
 
     def _validate_X(self, X, *, reset=False):
@@ -381,24 +409,45 @@ class BaseQuantizer(
         model.__dict__.update(
             (key, value) for key, value in self.__dict__.items() if key != "index_"
         )
+        # An empty in-memory index: what _encode_rows needs of it (the coarse
+        # centroids of residual codes).
+        index = self.index_
+        empty = np.empty((0, self.quantizer_.n_codebooks), dtype=self.quantizer_.code_dtype)
+        model.index_ = QuantizedIndex.like(
+            index, empty, cells=np.empty(0, np.int32) if index.by_residual else None
+        )
         if "verbose" in model.__dict__:
             model.verbose = 0
         return model
 
+    def _dask_codes(self, X):
+        """Lazy ``(codes, cells)`` of a checked dask ``X``, encoded on the
+        workers (cells None unless the codes are residual). Residual codes and
+        their cells come out of one task per chunk, side by side; persisting
+        both together (as the index does) computes it once."""
+        quantizer = self.quantizer_
+        n_codebooks = quantizer.n_codebooks
+        if not self.index_.by_residual:
+            codes = map_rows(_encode_chunk, X, self._worker_model(),
+                             dtype=quantizer.code_dtype, n_columns=n_codebooks)
+            return codes, None
+        both = map_rows(_encode_cells_chunk, X, self._worker_model(), dtype=np.int32,
+                        n_columns=n_codebooks + 1)
+        return both[:, :n_codebooks].astype(quantizer.code_dtype), both[:, n_codebooks]
+
     def _dask_database(self, X, y):
-        """Lazy codes and labels of a dask ``X`` (and ``y``): the checks that
-        need no data run here, the others on the workers, chunk by chunk."""
+        """Lazy codes, labels and cells (None unless residual codes) of a
+        dask ``X`` (and ``y``): the checks that need no data run here, the
+        others on the workers, chunk by chunk."""
         if not is_dask_array(X):
             raise TypeError(
                 "y is a dask array but X is not: pass X as a dask array too, or "
                 "both in memory."
             )
         X = check_dask_rows(X, self.n_features_in_)
-        quantizer = self.quantizer_
-        codes = map_rows(_encode_chunk, X, self._worker_model(),
-                         dtype=quantizer.code_dtype, n_columns=quantizer.n_codebooks)
+        codes, cells = self._dask_codes(X)
         if y is None:
-            return codes, None
+            return codes, None, cells
         if not is_dask_array(y):
             y = np.asarray(y)
         if y.ndim == 2 and y.shape[1] == 1:
@@ -411,8 +460,8 @@ class BaseQuantizer(
             )
         y = as_dask_rows(y, X.chunks[0])
         dtype = np.dtype(np.int8) if y.ndim == 2 else y.dtype
-        return codes, y.map_blocks(_labels_chunk, dtype=dtype,
-                                   meta=np.empty((0,) * y.ndim, dtype=dtype))
+        y = y.map_blocks(_labels_chunk, dtype=dtype, meta=np.empty((0,) * y.ndim, dtype=dtype))
+        return codes, y, cells
 
     def _set_index(self, codes, y):
         """A new index of ``codes`` (and labels ``y``) over ``quantizer_``."""
@@ -462,6 +511,15 @@ class BaseQuantizer(
     def coarse_centroids_(self, centroids):
         self.index_.coarse_centroids = centroids
 
+    @property
+    def cells_(self):
+        """Cell of each indexed item (int32), None without an inverted file.
+
+        With residual codes, ``decode(codes_, cells=cells_)`` reconstructs
+        the database.
+        """
+        return self.index_.cells
+
     # ------------------------------------------------------------------ codes
     def transform(self, X):
         """Embed ``X`` in the space where it is quantized.
@@ -486,36 +544,52 @@ class BaseQuantizer(
         X = self._validate_X(X)
         return np.asarray(self._embed(X), dtype=np.float32)
 
-    def encode(self, X):
+    def encode(self, X, return_cells=False):
         """Quantize ``X``: one codeword index per codebook.
+
+        These are the codes :meth:`index` and :meth:`add` store for ``X``.
+        With residual codes (:class:`ProductQuantizer` with ``n_lists`` and
+        ``by_residual=True``) they encode ``x - c``, the difference between
+        ``x`` and the centroid ``c`` of its nearest cell, and only mean
+        something together with that cell.
 
         Parameters
         ----------
         X : {array-like, sparse matrix, dask array} of shape (n_samples, n_features)
             Input data.
+        return_cells : bool, default=False
+            Also return the cell of each row (residual codes; ``None``
+            otherwise), as :meth:`decode` needs it.
 
         Returns
         -------
         codes : ndarray of shape (n_samples, n_codebooks)
             uint8 when ``n_codewords <= 256``, else uint16. A dask array when
             ``X`` is one: computed lazily, chunk by chunk, on the workers.
+        cells : ndarray of shape (n_samples,) or None
+            Only when ``return_cells=True`` (a dask array, or None, for a
+            dask ``X``).
         """
         check_is_fitted(self)
         if is_dask_array(X):
-            quantizer = self.quantizer_
-            return map_rows(_encode_chunk, check_dask_rows(X, self.n_features_in_),
-                            self._worker_model(), dtype=quantizer.code_dtype,
-                            n_columns=quantizer.n_codebooks)
-        X = self._validate_X(X)
-        return self._encode_rows(X)
+            codes, cells = self._dask_codes(check_dask_rows(X, self.n_features_in_))
+        else:
+            X = self._validate_X(X)
+            codes, cells = self._encode_rows(X)
+        return (codes, cells) if return_cells else codes
 
-    def decode(self, codes):
+    def decode(self, codes, cells=None):
         """Reconstruct vectors in embedding space from their codes.
 
         Parameters
         ----------
         codes : array-like of shape (n_samples, n_codebooks), integer
             Codes, e.g. from :meth:`encode` or ``codes_``.
+        cells : array-like of shape (n_samples,), default=None
+            The cells of residual codes (``cells_`` for ``codes_``, or from
+            ``encode(X, return_cells=True)``): required with residual codes,
+            where the reconstruction is the cell's centroid plus the decoded
+            residual; ignored otherwise.
 
         Returns
         -------
@@ -536,22 +610,28 @@ class BaseQuantizer(
                 f"codes must lie in [0, {n_codewords - 1}] (n_codewords={n_codewords}); "
                 f"got values in [{codes.min()}, {codes.max()}]."
             )
-        return self.quantizer_.decode(codes)
+        return self.index_.decode(codes, cells)
 
     def _encode_rows(self, X):
-        """Embed and encode ``X`` in row batches, so memory stays bounded."""
-        quantizer = self.quantizer_
+        """Embed and encode ``X`` in row batches, so memory stays bounded.
+        Returns ``(codes, cells)``, cells None unless the codes are residual."""
+        quantizer, index = self.quantizer_, self.index_
         # Fortran order, as the index stores it: no second copy of the codes.
         codes = np.empty(
             (X.shape[0], quantizer.n_codebooks), dtype=quantizer.code_dtype, order="F"
         )
+        cells = np.empty(X.shape[0], dtype=np.int32) if index.by_residual else None
         row_bytes = 8 * (X.shape[1] + quantizer.dim + quantizer.n_codewords)
+        if index.by_residual:
+            row_bytes += 8 * (index.n_lists + quantizer.dim)
         progress = Progress(type(self).__name__, "encoded", X.shape[0],
                             getattr(self, "verbose", 0))
         for batch in gen_batches(X.shape[0], rows_per_chunk(row_bytes)):
-            codes[batch] = quantizer.encode(self._embed(X[batch]))
+            codes[batch], batch_cells = index.encode(self._embed(X[batch]))
+            if cells is not None:
+                cells[batch] = batch_cells
             progress.update(batch.stop - batch.start)
-        return codes
+        return codes, cells
 
     @property
     def _n_features_out(self):
@@ -633,6 +713,9 @@ class BaseQuantizer(
         # scores and results.
         row_bytes = 24 * quantizer.n_codebooks * quantizer.n_codewords + 8 * quantizer.dim
         row_bytes += 16 * n_neighbors + (0 if n_probe is None else 4 * index.n_lists)
+        if index.by_residual:
+            # Coarse scores, and the winners' exact float64 distances.
+            row_bytes += 8 * index.n_lists + 16 * n_neighbors * quantizer.dim
         neigh_dist = np.empty((n_queries, n_neighbors), dtype=np.float64)
         neigh_ind = np.empty((n_queries, n_neighbors), dtype=np.intp)
         # Even chunks: a remainder of a few queries would take the single-query
@@ -640,8 +723,8 @@ class BaseQuantizer(
         n_chunks = -(-n_queries // rows_per_chunk(row_bytes))
         for batch in gen_even_slices(n_queries, n_chunks):
             if query_is_train:
-                # np.asarray fetches a batch of a dask index's codes.
-                Z = quantizer.decode(np.asarray(index.codes[batch]))
+                # (A dask index fetches the batch's codes and cells.)
+                Z = index.reconstruct(batch)
             else:
                 Z = self._embed(X[batch])
             neigh_dist[batch], neigh_ind[batch] = index.search(
@@ -672,6 +755,13 @@ class BaseQuantizer(
             return None
         if self.index_.n_lists != n_lists:
             trained = self.index_.n_lists or 0
+            if self.index_.by_residual:
+                raise ValueError(
+                    f"n_lists={n_lists} but the residual codes were encoded "
+                    f"against {trained} cells: refit to change n_lists "
+                    f"(residual codes and cells are learned together), or "
+                    f"set it back. n_probe can change at any time."
+                )
             raise ValueError(
                 f"n_lists={n_lists} but the coarse quantizer has {trained} cells "
                 f"(n_lists changed since the cells were trained, or exceeds the "
@@ -719,8 +809,9 @@ class BaseQuantizer(
         Returns
         -------
         index : faiss.Index
-            ``IndexPQ`` (squared L2 distances), ``IndexIVFPQ`` on direct
-            codes when the quantizer has an inverted file (``n_lists``),
+            ``IndexPQ`` (squared L2 distances), ``IndexIVFPQ`` when the
+            quantizer has an inverted file (``n_lists``; ``by_residual`` as
+            its codes),
             either wrapped in an ``IndexPreTransform`` when the quantizer has
             a rotation; or an additive-quantizer index with inner-product
             scores for :class:`SphericalQuantizer`.

@@ -138,13 +138,34 @@ class ProductCodebooks(_Codebooks):
         rotated = decoded.astype(np.float64) @ self.rotation.T.astype(np.float64)
         return rotated.astype(np.float32)
 
-    def lookup_tables(self, Z):
+    def lookup_tables(self, Z, metric=None):
         """Tables ``(n, n_codebooks, n_codewords)`` float32, lower is better:
-        squared block distances, or negated block inner products."""
+        squared block distances, or negated block inner products
+        (``metric``, default the codebooks' own)."""
         Z = self._rotate(Z)
-        if self.metric == "euclidean":
+        if (metric or self.metric) == "euclidean":
             return euclidean_tables(Z, self.codebooks)
         return product_inner_product_tables(Z, self.codebooks)
+
+    def residual_terms(self, centroids):
+        """Per-cell terms of residual codes, ``(n_lists, M, K)`` float64.
+
+        For an item of cell ``c`` with residual codes ``b``, its
+        reconstruction is ``c + r`` with ``r`` the decoded residual, and
+        ``||r||^2 + 2 <c, r> = sum_m T[c, m, b_m]`` with
+        ``T[c, m, k] = ||C_m[k]||^2 + 2 <(c R)_m, C_m[k]>`` (``R`` the
+        rotation, if any): faiss's "precomputed tables" of ``IndexIVFPQ``.
+        """
+        n_subspaces, _, subspace_dim = self.codebooks.shape
+        c = self._rotate(np.asarray(centroids, dtype=np.float64))
+        c = np.asarray(c, dtype=np.float64).reshape(len(c), n_subspaces, subspace_dim)
+        cb = self.codebooks.astype(np.float64)
+        # Contiguous stacks: one gemm per sub-space.
+        terms = np.matmul(np.ascontiguousarray(c.transpose(1, 0, 2)),
+                          np.ascontiguousarray(cb.transpose(0, 2, 1)))  # (M, L, K)
+        terms *= 2.0
+        terms += np.einsum("mkd,mkd->mk", cb, cb)[:, None, :]
+        return np.ascontiguousarray(terms.transpose(1, 0, 2))
 
 
 class AdditiveCodebooks(_Codebooks):

@@ -15,13 +15,24 @@ ties included):
   each candidate's code row along;
 * the client re-sums the ``k`` winners in float64 with the kernels' own
   ``_refine`` (the codes of the winners travelled with them), ordered by
-  global index so that equal sums keep the lower index first.
+  global index so that equal sums keep the lower index first; for residual
+  codes (``ProductQuantizer(n_lists=..., by_residual=True)``) the winners'
+  cells travel too and the client computes their exact distances as the
+  in-memory index does (:meth:`QuantizedIndex._residual_distances
+  <skquant._index.QuantizedIndex._residual_distances>`).
 
 The selection key and every float32 sum are those of the in-memory scan (the
 kernels sum an item's terms in an order that does not depend on the other
-items; the inverted-file kernel is told the number of items a query probes in
-the whole database, the cell sizes of which are summed over the chunks), so
-the winners and their float64 sums are too.
+items, nor on the scan path), so the winners and their float64 sums are too.
+The inverted-file scan of a chunk probes the cells chosen from the cell sizes
+of the whole database (summed over the chunks), as the in-memory scan does.
+
+Residual codes: the cells are part of the model (its coarse centroids are
+fixed at fit), so each chunk is assigned and encoded on its worker
+(:meth:`BaseQuantizer._dask_codes <skquant._base.BaseQuantizer._dask_codes>`);
+the per-item terms ``||r||^2 + 2 <c, r>`` of a chunk are computed on its
+worker too, from the per-cell tables computed once on the client
+(:func:`~skquant._index.item_bias`).
 
 Nothing here imports dask at module level: ``import skquant`` works without
 it. Work is shipped as dask graphs, so any scheduler runs it (distributed,
@@ -35,7 +46,7 @@ import uuid
 
 import numpy as np
 
-from ._index import QuantizedIndex
+from ._index import QuantizedIndex, item_bias
 from ._ivf import InvertedLists, coarse_scores, ivf_search
 from ._search import CodeLayout, _refine, aqd_search
 
@@ -169,24 +180,29 @@ class _Chunk:
 
     The layouts (pair codes, the chunk's inverted lists) are built on first
     use and stay in the worker's memory with the chunk, as the in-memory
-    index keeps them.
+    index keeps them. ``bias``: the per-item terms of residual codes.
     """
 
-    def __init__(self, codes, cells=None, n_lists=None):
+    def __init__(self, codes, cells=None, n_lists=None, bias=None):
         self.codes = np.asfortranarray(codes)
         self.layout = CodeLayout(self.codes)
         self.cells = cells
         self.n_lists = n_lists
+        self.bias = bias
         self._lists = None
 
     def inverted_lists(self):
         if self._lists is None:
-            self._lists = InvertedLists(self.codes, self.cells, self.n_lists)
+            self._lists = InvertedLists(self.codes, self.cells, self.n_lists,
+                                        item_bias=self.bias)
         return self._lists
 
 
-def _make_chunk(codes, cells=None, n_lists=None):
-    return _Chunk(codes, cells, n_lists)
+def _make_chunk(codes, cells=None, n_lists=None, terms=None):
+    """A chunk's scan object; with residual ``terms`` (per-cell tables), its
+    items' residual terms are computed here, on the worker."""
+    bias = None if terms is None else item_bias(terms, codes, cells)
+    return _Chunk(codes, cells, n_lists, bias)
 
 
 def _cell_counts(cells, n_lists):
@@ -198,38 +214,45 @@ def _assign_chunk(codes, assigner):
 
 
 def _scan_chunk(chunk, tables, k, offset, coarse=None):
-    """Candidates of one chunk: (float32 sums, global indices, code rows)."""
+    """Candidates of one chunk: (float32 values, global indices, code rows,
+    cells or None). The cells come along for residual codes."""
+    cells = None
     if coarse is None:
         values, indices = aqd_search(
             tables, chunk.codes, min(k, chunk.codes.shape[0]), n_jobs=1,
             layout=chunk.layout, refine=False,
         )
     else:
-        scores, n_probe, cell_sizes = coarse
+        scores, n_probe, cell_sizes, residual = coarse
         values, indices = ivf_search(
             tables, scores, chunk.inverted_lists(), k, n_probe=n_probe, n_jobs=1,
-            cell_sizes=cell_sizes, refine=False,
+            add_scores=residual, refine=False, cell_sizes=cell_sizes,
         )
     real = indices != _SENTINEL
-    codes = chunk.codes[np.where(real, indices, 0)]
-    return values, np.where(real, indices + offset, _SENTINEL), codes
+    local = np.where(real, indices, 0)
+    if coarse is not None and coarse[3]:
+        cells = np.asarray(chunk.cells)[local]
+    return values, np.where(real, indices + offset, _SENTINEL), chunk.codes[local], cells
 
 
 def _merge_candidates(parts, k):
-    """The ``k`` best of several candidate lists by (float32 sum, index)."""
+    """The ``k`` best of several candidate lists by (float32 value, index)."""
     values = np.hstack([p[0] for p in parts])
     indices = np.hstack([p[1] for p in parts])
-    codes = np.concatenate([p[2] for p in parts], axis=1)
     order = np.lexsort((indices, values), axis=1)[:, :k]
     rows = np.arange(len(order))[:, None]
-    return values[rows, order], indices[rows, order], codes[rows, order]
+    codes = np.concatenate([p[2] for p in parts], axis=1)[rows, order]
+    cells = None
+    if parts[0][3] is not None:
+        cells = np.hstack([p[3] for p in parts])[rows, order]
+    return values[rows, order], indices[rows, order], codes, cells
 
 
 def _finish(tables, merged):
     """Float64 sums of the winners, sorted by (sum, index): the kernels' refine
     on the winners' own code rows, laid out in increasing global index so
     that its tie order (by position) is the order by index."""
-    _, indices, codes = merged
+    _, indices, codes, _ = merged
     n_queries, k = indices.shape
     order = np.argsort(indices, axis=1)
     rows = np.arange(n_queries)[:, None]
@@ -255,7 +278,11 @@ class DaskIndex(QuantizedIndex):
     coarse_centroids : ndarray of shape (n_lists, dim), default=None
         Cell centroids of an inverted file.
     cells : dask.array.Array of shape (n_items,), default=None
-        Cells of the items for these centroids, when known.
+        Cells of the items for these centroids, when known (required with
+        ``by_residual=True``), chunked like ``codes``.
+    by_residual : bool, default=False
+        Whether the codes encode residuals to their cells (see
+        :class:`~skquant._index.QuantizedIndex`).
 
     Notes
     -----
@@ -288,16 +315,12 @@ class DaskIndex(QuantizedIndex):
     """
 
     def __init__(self, quantizer, codes, labels=None, *, coarse_centroids=None,
-                 cells=None):
+                 cells=None, by_residual=False):
+        self._chunks = None
+        self._gathered = None
+        self._terms = None  # (centroids, their residual terms), cached
         super().__init__(quantizer, codes, labels, coarse_centroids=coarse_centroids,
-                         cells=cells)
-
-    @classmethod
-    def like(cls, index, codes, labels=None):
-        """A dask index of ``codes`` with the coarse quantizer of ``index``."""
-        new = cls(index.quantizer, codes, labels, coarse_centroids=index.coarse_centroids)
-        new.n_items_trained = index.n_items_trained
-        return new
+                         cells=cells, by_residual=by_residual)
 
     @classmethod
     def from_index(cls, index, chunk_size):
@@ -307,39 +330,98 @@ class DaskIndex(QuantizedIndex):
             for start in range(0, index.n_items, chunk_size)
         ) or (0,)
         labels = None if index.labels is None else as_dask_rows(index.labels, chunks)
-        return cls.like(index, as_dask_rows(index.codes, chunks), labels)
+        # The cells known for every item travel (those of residual codes always).
+        with index._lock:
+            cells = index._lists.assignments if index._lists is not None else index._cells
+        if cells is not None and len(cells) != index.n_items:
+            cells = None
+        cells = None if cells is None else as_dask_rows(cells, chunks)
+        return cls.like(index, as_dask_rows(index.codes, chunks), labels, cells)
 
-    def _set_codes(self, codes, labels):
+    def _set_codes(self, codes, labels, cells):
         if not is_dask_array(codes):
             raise TypeError(
                 f"A DaskIndex holds dask arrays; got codes of type {type(codes).__name__}."
             )
-        codes, labels = _persist(codes, None if labels is None
-                                 else as_dask_rows(labels, codes.chunks[0]))
-        self.codes = codes
-        self.labels = labels
+        if labels is not None:
+            labels = as_dask_rows(labels, codes.chunks[0])
+        if cells is not None:
+            cells = as_dask_rows(cells, codes.chunks[0])
+        # Together: residual codes and their cells come out of the same tasks.
+        self.codes, self.labels, self._cells = _persist(codes, labels, cells)
         self._layout = None
         self._lists = None
         self._chunks = None
         self._gathered = None
 
+    @staticmethod
+    def _as_cells(cells):
+        if is_dask_array(cells):
+            return cells.astype(np.int32)
+        return QuantizedIndex._as_cells(cells)
+
+    def _check_cells(self, codes, cells):
+        if not is_dask_array(cells):
+            return super()._check_cells(codes, cells)
+        # The values were computed by the encoder on the workers (checking
+        # them here would compute every chunk once more).
+        if cells.shape[0] != codes.shape[0]:
+            raise ValueError(
+                "Residual codes need the cell of every item: got "
+                f"{cells.shape[0]} cells for {codes.shape[0]} codes."
+            )
+        return None
+
     # ------------------------------------------------------------------ content
-    def add(self, codes, labels=None):
+    def add(self, codes, labels=None, cells=None):
         """Append items: dask arrays are appended as their chunks, in-memory
-        ones become one new chunk on the cluster. Returns self."""
+        ones become one new chunk on the cluster (``cells``: as for
+        :meth:`QuantizedIndex.add <skquant._index.QuantizedIndex.add>`).
+        Returns self."""
         _, da = _import_dask()
         chunk = max(self.codes.chunks[0]) if self.n_items else max(1, len(codes))
         codes = as_dask_rows(codes, codes.chunks[0] if is_dask_array(codes) else chunk)
         if labels is not None:
             labels = da.concatenate([self.labels, as_dask_rows(labels, codes.chunks[0])])
-        cells = self._cells
-        if cells is not None:
-            cells = da.concatenate([cells, self._assign_dask(codes)])
-        self._set_codes(da.concatenate([self.codes, codes]), labels)
-        self._cells = cells
+        if self.by_residual:
+            if cells is None:
+                self._check_cells(codes, None)
+            cells = self._as_cells(as_dask_rows(cells, codes.chunks[0]))
+            self._check_cells(codes, cells)
+            cells = da.concatenate([self._cells, cells])
+        else:
+            cells = self._cells
+            if cells is not None:
+                cells = da.concatenate([cells, self._assign_dask(codes)])
+        with self._lock:
+            self._set_codes(da.concatenate([self.codes, codes]), labels, cells)
         return self
 
+    def reconstruct(self, items):
+        """Reconstructions of the indexed items ``items``, fetched from the
+        cluster (their codes, and cells for residual codes)."""
+        dask, _ = _import_dask()
+        cells = self.cells[items] if self.by_residual else None
+        codes, cells = dask.compute(self.codes[items], cells)
+        return self.decode(codes, cells)
+
     # ------------------------------------------------------------------ inverted file
+    @property
+    def cells(self):
+        """Cell of every item (a persisted dask array of int32), or None
+        without an inverted file; direct codes are assigned on the workers
+        on first use."""
+        if self._coarse_centroids is None:
+            return None
+        with self._lock:
+            return self._known_cells()
+
+    def _known_cells(self):
+        # (Under the lock.)
+        if self._cells is None or self._cells.shape[0] != self.n_items:
+            (self._cells,) = _persist(self._assign_dask(self.codes))
+        return self._cells
+
     def _gather_rows(self, rows):
         return self.codes[rows].compute()
 
@@ -349,6 +431,13 @@ class DaskIndex(QuantizedIndex):
             coarse_centroids=self._coarse_centroids,
         )
         return map_rows(_assign_chunk, codes, assigner, dtype=np.int32)
+
+    def _residual_terms(self):
+        """Per-cell tables of residual codes, computed once (on the client)."""
+        centroids = self._coarse_centroids
+        if self._terms is None or self._terms[0] is not centroids:
+            self._terms = (centroids, self.quantizer.residual_terms(centroids))
+        return self._terms[1]
 
     def _chunk_objects(self):
         """Persisted per-chunk scan objects (and the cell sizes), built once per
@@ -365,9 +454,7 @@ class DaskIndex(QuantizedIndex):
             cell_sizes = None
             blocks = self.codes.to_delayed().ravel()
             if ivf:
-                if self._cells is None or self._cells.shape[0] != self.n_items:
-                    self._cells = self._assign_dask(self.codes)
-                (self._cells,) = _persist(self._cells)
+                self._known_cells()
                 n_lists = self.n_lists
                 counts = self._cells.map_blocks(
                     _cell_counts, n_lists, dtype=np.int64, chunks=((1,) * len(blocks),
@@ -375,7 +462,10 @@ class DaskIndex(QuantizedIndex):
                     new_axis=1, meta=np.empty((0, 0), dtype=np.int64))
                 cell_sizes = counts.sum(axis=0).compute()
                 cells = self._cells.to_delayed().ravel()
-                parts = [dask.delayed(_make_chunk)(b, c, n_lists)
+                terms = None
+                if self.by_residual:
+                    terms = _ship(self._residual_terms(), "residual-terms")
+                parts = [dask.delayed(_make_chunk)(b, c, n_lists, terms)
                          for b, c in zip(blocks, cells, strict=True)]
             else:
                 parts = [dask.delayed(_make_chunk)(b) for b in blocks]
@@ -404,19 +494,27 @@ class DaskIndex(QuantizedIndex):
         ``n_jobs`` is unused (the chunks run in parallel on the workers).
         """
         dask, _ = _import_dask()
-        tables = np.asarray(self.quantizer.lookup_tables(queries), dtype=np.float32)
-        if n_probe is not None and n_probe >= self.n_lists:
-            n_probe = None  # as QuantizedIndex.search: the exhaustive scan
         if not 1 <= n_neighbors <= self.n_items:
             raise ValueError(
                 f"Expected 1 <= n_neighbors <= n_items, got n_neighbors={n_neighbors} "
                 f"and n_items={self.n_items}."
             )
+        queries = np.asarray(queries)
+        # The scan's inputs, as QuantizedIndex.search prepares them.
+        if self.by_residual:
+            tables, scores = self._residual_tables(queries)
+            n_probe = self.n_lists if n_probe is None else n_probe
+        else:
+            tables = np.asarray(self.quantizer.lookup_tables(queries), dtype=np.float32)
+            if n_probe is not None and n_probe >= self.n_lists:
+                n_probe = None  # the exhaustive scan
+            if n_probe is not None:
+                scores = coarse_scores(queries, self._coarse_centroids,
+                                       self.quantizer.metric)
         chunks, offsets, cell_sizes = self._chunk_objects()
         coarse = None
         if n_probe is not None:
-            scores = coarse_scores(queries, self._coarse_centroids, self.quantizer.metric)
-            coarse = _ship((scores, n_probe, cell_sizes), "coarse")
+            coarse = _ship((scores, n_probe, cell_sizes, self.by_residual), "coarse")
         tables_d = _ship(tables, "tables")
         token = uuid.uuid4().hex
         parts = [
@@ -434,6 +532,11 @@ class DaskIndex(QuantizedIndex):
             ]
             level += 1
         (merged,) = dask.compute(parts[0])
+        if self.by_residual:
+            _, indices, codes, cells = merged
+            return self._residual_distances(
+                queries, indices, codes.reshape(-1, codes.shape[-1]), cells
+            )
         sums, indices = _finish(tables, merged)
         return self.quantizer.distances(sums), indices
 
@@ -470,10 +573,7 @@ class DaskIndex(QuantizedIndex):
                 "if this process has the memory."
             )
         codes, labels, cells = dask.compute(self.codes, self.labels, cells)
-        index = QuantizedIndex(self.quantizer, codes, labels,
-                               coarse_centroids=self._coarse_centroids, cells=cells)
-        index.n_items_trained = self.n_items_trained
-        return index
+        return QuantizedIndex.like(self, codes, labels, cells)
 
     def __getstate__(self):
         # The state of the gathered in-memory index; kept until __reduce_ex__

@@ -74,7 +74,8 @@ def _fill_codes(faiss, index, codes, n_bits):
 
 
 def _ivf_pq(faiss, estimator, coarse, rotation, n_bits, faiss_metric):
-    """An empty IndexIVFPQ on direct (non-residual) codes with skquant's cells."""
+    """An empty IndexIVFPQ with skquant's cells, on residual codes
+    (``by_residual``) when the estimator's are, else on direct codes."""
     n_codebooks, _, sub_dim = estimator.codebooks_.shape
     dim = n_codebooks * sub_dim
     centroids = np.asarray(coarse, dtype=np.float32)
@@ -91,8 +92,9 @@ def _ivf_pq(faiss, estimator, coarse, rotation, n_bits, faiss_metric):
         coarse_index, dim, len(centroids), n_codebooks, n_bits, faiss_metric
     )
     index.referenced_objects = [coarse_index]  # faiss does not own the quantizer
-    # skquant's inverted file stores the items' own codes, not residuals.
-    index.by_residual = False
+    # Residual codes encode x - c (rotated: x R - c R, the residual faiss
+    # computes behind the pre-transform); direct codes are the items' own.
+    index.by_residual = bool(estimator.index_.by_residual)
     index.nprobe = int(getattr(estimator, "n_probe", 1))
     return index
 
@@ -120,7 +122,9 @@ def _ivf_rq(faiss, coarse, codebooks, n_bits):
 
 def _fill_inverted_lists(faiss, estimator, index, codes, n_bits):
     packed = _pack_codes(faiss, codes, n_bits)
-    cells = estimator.index_.assign_cells(np.asarray(codes))
+    # The cells of residual codes are part of them; direct codes' cells are
+    # those of their reconstructions.
+    cells = np.asarray(estimator.index_.cells)
     order = np.argsort(cells, kind="stable")
     bounds = np.searchsorted(cells[order], np.arange(index.nlist + 1))
     for cell in range(index.nlist):
@@ -149,10 +153,12 @@ def to_faiss(estimator):
         * product codebooks: ``faiss.IndexPQ`` (``METRIC_L2``: ``search``
           returns squared AQD, the square of ``kneighbors``' distances), inside
           a ``faiss.IndexPreTransform`` when the estimator has a ``rotation_``;
-          ``faiss.IndexIVFPQ`` with ``by_residual=False`` (direct codes, the
-          same cells and ``nprobe = n_probe``) when it has an inverted file
-          (``n_lists``); faiss probes exactly ``nprobe`` cells, where skquant
-          probes more when they hold fewer than ``n_neighbors`` items;
+          ``faiss.IndexIVFPQ`` with the same cells, ``nprobe = n_probe`` and
+          ``by_residual`` as the estimator's codes (residual codes of
+          ``ProductQuantizer(by_residual=True)``, else direct codes) when it
+          has an inverted file (``n_lists``); faiss probes exactly
+          ``nprobe`` cells, where skquant probes more when they hold fewer
+          than ``n_neighbors`` items;
         * additive codebooks with inner product: ``faiss.IndexResidualQuantizer``
           with ``METRIC_INNER_PRODUCT`` and ``ST_LUT_nonorm`` (``search``
           returns ``<z_q, x_hat>``, i.e. ``1 - distance`` of ``kneighbors``);
@@ -199,6 +205,10 @@ def to_faiss(estimator):
             pq = index.pq
         faiss.copy_array_to_vector(padded.ravel(), pq.centroids)
         index.is_trained = True
+        if coarse is not None and index.by_residual:
+            # faiss's per-cell tables ||r||^2 + 2 <c, r> (what skquant's
+            # scan adds per item), built from the copied codebooks.
+            index.precompute_table()
         if coarse is None:
             _fill_codes(faiss, index, codes, n_bits)
         else:

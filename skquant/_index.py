@@ -28,7 +28,8 @@ from sklearn.utils import check_random_state, gen_batches
 from ._ivf import InvertedLists, assign_lists, coarse_scores, ivf_search
 from ._search import CodeLayout, aqd_search
 
-__all__ = ["QuantizedIndex", "train_coarse_quantizer"]
+__all__ = ["RESIDUAL_POINTS_PER_LIST", "QuantizedIndex", "item_bias", "residuals",
+           "train_coarse_quantizer"]
 
 # Training points per cell: faiss warns below 39 and samples at most 256; the
 # coarse cells only steer the probing (they never change a distance), so 64
@@ -36,9 +37,13 @@ __all__ = ["QuantizedIndex", "train_coarse_quantizer"]
 # training at seconds for thousands of cells.
 _MAX_POINTS_PER_LIST = 64
 _COARSE_MAX_ITER = 20
+# Residual codes are encoded against their cells, so the cells shape every
+# reconstruction: trained like faiss's (at most 256 points per cell).
+RESIDUAL_POINTS_PER_LIST = 256
 
 
-def train_coarse_quantizer(X, n_lists, *, metric="euclidean", random_state=None):
+def train_coarse_quantizer(X, n_lists, *, metric="euclidean", random_state=None,
+                           max_points_per_list=_MAX_POINTS_PER_LIST):
     """Coarse centroids of an inverted file: k-means on (a sample of) ``X``.
 
     Parameters
@@ -52,6 +57,8 @@ def train_coarse_quantizer(X, n_lists, *, metric="euclidean", random_state=None)
         so the most similar centroid is also the nearest one.
     random_state : int, RandomState instance or None, default=None
         Seeds the sub-sample and k-means.
+    max_points_per_list : int, default=64
+        k-means runs on at most this many points per cell (a random sample).
 
     Returns
     -------
@@ -76,7 +83,7 @@ def train_coarse_quantizer(X, n_lists, *, metric="euclidean", random_state=None)
             f"is a good start) or n_lists=None for exhaustive search."
         )
     rng = check_random_state(random_state)
-    max_points = _MAX_POINTS_PER_LIST * n_lists
+    max_points = max_points_per_list * n_lists
     if n_samples > max_points:
         X = X[np.sort(rng.choice(n_samples, max_points, replace=False))]
     # Random init (as faiss): k-means++ costs O(n_lists**2) greedy passes,
@@ -88,6 +95,37 @@ def train_coarse_quantizer(X, n_lists, *, metric="euclidean", random_state=None)
         norms = np.linalg.norm(centroids, axis=1, keepdims=True)
         centroids = centroids / np.maximum(norms, np.finfo(np.float32).tiny)
     return np.ascontiguousarray(centroids, dtype=np.float32)
+
+
+def residuals(X, centroids, metric="euclidean"):
+    """``X - centroids[cell]`` for each row's nearest cell, (n, dim) float32
+    (computed in float64, in row chunks; ``X`` dense)."""
+    X = np.asarray(X)
+    out = np.empty(X.shape, dtype=np.float32)
+    row_bytes = 8 * (centroids.shape[0] + 3 * X.shape[1])
+    for batch in gen_batches(len(X), rows_per_chunk(row_bytes)):
+        block = np.asarray(X[batch], dtype=np.float64)
+        cells = assign_lists(block, centroids, metric)
+        out[batch] = block - centroids[cells].astype(np.float64)
+    return out
+
+
+def item_bias(terms, codes, cells):
+    """Query-independent part of each item's squared distance with residual
+    codes: ``||r||^2 + 2 <c, r>`` (float32), from the per-cell tables
+    ``terms`` ``(n_lists, M, K)`` of the codebooks (``residual_terms``,
+    faiss's "precomputed tables"). An item's value depends on its own code
+    and cell only (summed over ``m`` in order, in float64)."""
+    n_lists, n_subspaces, n_codewords = terms.shape
+    flat = terms.reshape(-1)
+    bias = np.empty(len(codes), dtype=np.float32)
+    for batch in gen_batches(len(codes), 2**18):
+        base = cells[batch].astype(np.intp) * (n_subspaces * n_codewords)
+        acc = np.zeros(len(base), dtype=np.float64)
+        for m in range(n_subspaces):
+            acc += flat[base + (m * n_codewords + codes[batch, m].astype(np.intp))]
+        bias[batch] = acc
+    return bias
 
 
 def rows_per_chunk(row_bytes):
@@ -122,7 +160,16 @@ class QuantizedIndex:
     coarse_centroids : ndarray of shape (n_lists, dim), default=None
         Cell centroids of an inverted file (see :meth:`train_inverted_file`).
     cells : ndarray of shape (n_cells_known,), default=None
-        Cells of the first items for these centroids, when already known.
+        Cells of the first items for these centroids, when already known
+        (required, for every item, with ``by_residual=True``).
+    by_residual : bool, default=False
+        Whether the codes encode residuals ``z - c`` to the centroid ``c``
+        of each item's cell (faiss ``IndexIVFPQ`` with ``by_residual``,
+        product codebooks with Euclidean tables only). The cells are then
+        part of the codes: they are given with the codes (see
+        :meth:`encode`), kept, and cannot be retrained without re-encoding.
+        Otherwise the codes are the items' own codes and the cells, derived
+        from the reconstructions, only decide what a query scans.
 
     Attributes
     ----------
@@ -133,22 +180,43 @@ class QuantizedIndex:
     """
 
     def __init__(self, quantizer, codes, labels=None, *, coarse_centroids=None,
-                 cells=None):
+                 cells=None, by_residual=False):
+        if by_residual and coarse_centroids is None:
+            raise ValueError("by_residual=True needs coarse_centroids.")
         self.quantizer = quantizer
+        self.by_residual = bool(by_residual)
+        self._coarse_norms = None  # (centroids, their squared norms), cached
         self._lock = threading.Lock()
-        self._set_codes(codes, labels)
         self._coarse_centroids = coarse_centroids
-        self._cells = cells
+        cells = self._as_cells(cells)
+        if self.by_residual:
+            self._check_cells(codes, cells)
+        self._set_codes(codes, labels, cells)
         # Items the coarse quantizer was last trained on (None: unknown, e.g.
         # centroids set directly or read from an old pickle); the estimators
         # retrain the cells when the database grows far past it.
         self.n_items_trained = None
 
-    def _set_codes(self, codes, labels):
+    @classmethod
+    def like(cls, index, codes, labels=None, cells=None):
+        """An index of ``codes`` (and their ``cells``, for residual codes)
+        with the codebooks, coarse quantizer and kind of codes of ``index``."""
+        new = cls(index.quantizer, codes, labels, coarse_centroids=index.coarse_centroids,
+                  cells=cells, by_residual=index.by_residual)
+        new.n_items_trained = index.n_items_trained
+        return new
+
+    def _set_codes(self, codes, labels, cells):
+        """Store the items (and the cells known for them); drop the layouts."""
         self.codes = np.asfortranarray(codes)
         self.labels = labels
+        self._cells = cells
         self._layout = None
         self._lists = None
+
+    @staticmethod
+    def _as_cells(cells):
+        return None if cells is None else np.asarray(cells, dtype=np.int32)
 
     @property
     def n_items(self):
@@ -169,34 +237,125 @@ class QuantizedIndex:
 
     @coarse_centroids.setter
     def coarse_centroids(self, centroids):
+        if self.by_residual:
+            raise ValueError(
+                "The codes encode residuals to the current cells: new coarse "
+                "centroids would change every reconstruction. Refit the model "
+                "to change the cells (or use direct codes, by_residual=False)."
+            )
         with self._lock:
             self._coarse_centroids = centroids
             self._cells = None
             self._lists = None
             self.n_items_trained = None
 
+    @property
+    def cells(self):
+        """Cell of every item (int32), or None without an inverted file.
+
+        With direct codes they are computed from the reconstructions on
+        first use; with residual codes they were given with the codes.
+        """
+        if self._coarse_centroids is None:
+            return None
+        return self.inverted_lists().assignments
+
+    def _check_cells(self, codes, cells):
+        if cells is None or len(cells) != len(codes):
+            raise ValueError(
+                "Residual codes need the cell of every item: got "
+                f"{None if cells is None else len(cells)} cells for {len(codes)} codes."
+            )
+        if len(cells) and (cells.min() < 0 or cells.max() >= self.n_lists):
+            raise ValueError(f"cells must lie in [0, {self.n_lists - 1}].")
+
     # ------------------------------------------------------------------ content
-    def replace(self, codes, labels=None):
-        """Replace the items, keeping the coarse quantizer; returns self."""
+    def encode(self, Z):
+        """Codes of embeddings ``Z`` as this index stores them.
+
+        Returns
+        -------
+        codes : ndarray of shape (n, n_codebooks)
+            The codes of ``Z``, or with residual codes those of
+            ``Z - coarse_centroids[cells]``.
+        cells : ndarray of shape (n,), int32, or None
+            The nearest cell of each row for residual codes, else None (the
+            cells of direct codes are derived from them when needed).
+        """
+        if not self.by_residual:
+            return self.quantizer.encode(Z), None
+        Z = np.asarray(Z, dtype=np.float64)
+        cells = assign_lists(Z, self._coarse_centroids, self.quantizer.metric)
+        residuals = Z - self._coarse_centroids[cells].astype(np.float64)
+        return self.quantizer.encode(residuals), cells
+
+    def decode(self, codes, cells=None):
+        """Reconstructions ``(n, dim)`` float32 of codes (and, for residual
+        codes, their cells: ``centroid + decoded residual``)."""
+        decoded = self.quantizer.decode(codes)
+        if not self.by_residual:
+            return decoded
+        if cells is None:
+            raise ValueError(
+                "These codes encode residuals to the cells of an inverted file "
+                "(by_residual=True): decoding them needs their cells, e.g. "
+                "decode(codes_, cells=cells_), or the cells returned by "
+                "encode(X, return_cells=True)."
+            )
+        cells = np.asarray(cells)
+        if cells.shape != (len(codes),) or not np.issubdtype(cells.dtype, np.integer):
+            raise ValueError(
+                f"cells must be integers of shape ({len(codes)},); got {cells.dtype} "
+                f"of shape {cells.shape}."
+            )
+        if cells.size and (cells.min() < 0 or cells.max() >= self.n_lists):
+            raise ValueError(
+                f"cells must lie in [0, {self.n_lists - 1}]; got values in "
+                f"[{cells.min()}, {cells.max()}]."
+            )
+        out = self._coarse_centroids[cells].astype(np.float64)
+        out += decoded
+        return out.astype(np.float32)
+
+    def reconstruct(self, items):
+        """Reconstructions of the indexed items ``items`` (a slice or indices)."""
+        cells = self.cells[items] if self.by_residual else None
+        return self.decode(self.codes[items], cells)
+
+    def replace(self, codes, labels=None, cells=None):
+        """Replace the items, keeping the coarse quantizer; returns self.
+
+        ``cells`` (the cells of residual codes, see :meth:`encode`) is
+        required with residual codes and ignored otherwise.
+        """
+        if self.by_residual:
+            cells = self._as_cells(cells)
+            self._check_cells(codes, cells)
+        else:
+            cells = None
         with self._lock:
-            self._set_codes(codes, labels)
-            self._cells = None
+            self._set_codes(codes, labels, cells)
         return self
 
-    def add(self, codes, labels=None):
+    def add(self, codes, labels=None, cells=None):
         """Append items (their indices follow the existing ones); returns self.
 
         ``labels`` must be given exactly when the index holds labels (the
-        estimators check this at their public boundary). The cells already
-        computed for the existing items are kept.
+        estimators check this at their public boundary); ``cells`` as for
+        :meth:`replace`. The cells already known for the existing items are
+        kept.
         """
+        if self.by_residual:
+            cells = self._as_cells(cells)
+            self._check_cells(codes, cells)
         codes = np.concatenate([self.codes, codes])
         if labels is not None:
             labels = np.concatenate([self.labels, labels])
         with self._lock:
-            cells = self._lists.assignments if self._lists is not None else self._cells
-            self._set_codes(codes, labels)
-            self._cells = cells
+            known = self._lists.assignments if self._lists is not None else self._cells
+            if self.by_residual:
+                known = np.concatenate([known, cells])
+            self._set_codes(codes, labels, known)
         return self
 
     # ------------------------------------------------------------------ inverted file
@@ -217,6 +376,13 @@ class QuantizedIndex:
         -------
         self : QuantizedIndex
         """
+        if self.by_residual:
+            raise ValueError(
+                "The codes encode residuals to the cells they were encoded "
+                "with: retraining the cells would need the original vectors. "
+                "Refit the model to change the cells (or use direct codes, "
+                "by_residual=False)."
+            )
         n_items = self.n_items
         seed = seed_of(random_state)
         rng = np.random.default_rng(seed)
@@ -258,8 +424,15 @@ class QuantizedIndex:
                 elif len(cells) < self.n_items:
                     cells = np.concatenate([cells, self.assign_cells(self.codes[len(cells):])])
                 self._cells = cells
-                self._lists = InvertedLists(self.codes, cells, self.n_lists)
+                bias = self._item_bias(cells) if self.by_residual else None
+                self._lists = InvertedLists(self.codes, cells, self.n_lists, item_bias=bias)
             return self._lists
+
+    def _item_bias(self, cells):
+        """Query-independent part of each item's squared distance with
+        residual codes (see :func:`item_bias`)."""
+        return item_bias(self.quantizer.residual_terms(self._coarse_centroids),
+                         self.codes, cells)
 
     def scan_layout(self):
         """The :class:`~skquant._search.CodeLayout` of the codes, built once."""
@@ -292,6 +465,8 @@ class QuantizedIndex:
         indices : ndarray of shape (n_queries, n_neighbors), intp
             Item indices; equal distances ordered by lower index.
         """
+        if self.by_residual:
+            return self._search_residual(queries, n_neighbors, n_probe, n_jobs)
         tables = self.quantizer.lookup_tables(queries)
         if n_probe is not None and n_probe >= self.n_lists:
             # Probing every cell is the exhaustive search: the exhaustive
@@ -310,18 +485,71 @@ class QuantizedIndex:
             )
         return self.quantizer.distances(sums), indices
 
+    def _search_residual(self, queries, n_neighbors, n_probe, n_jobs):
+        """Search over residual codes: for a query ``q`` and an item of cell
+        ``c`` with residual reconstruction ``r``,
+        ``||q - c - r||^2 = ||q||^2 + (||c||^2 - 2 <q, c>) + (||r||^2 + 2 <c, r>)
+        - 2 <q, r>``: the coarse score, a per-item term and one lookup table
+        per query (``-2 <q_m, C_m[k]>``, shared by all its cells). The scan
+        selects on these float32 sums; the winners' distances are then
+        recomputed exactly, in float64, from their reconstructions."""
+        if n_probe is None:
+            n_probe = self.n_lists
+        queries = np.asarray(queries)
+        tables, scores = self._residual_tables(queries)
+        lists = self.inverted_lists()
+        _, indices = ivf_search(
+            tables, scores, lists, n_neighbors,
+            n_probe=n_probe, n_jobs=n_jobs, add_scores=True, refine=False,
+        )
+        return self._residual_distances(
+            queries, indices, lists.codes[indices.ravel()], lists.assignments[indices]
+        )
+
+    def _residual_tables(self, queries):
+        """The scan's inputs for residual codes: one table per query
+        (``-2 <q_m, C_m[k]>``) and the coarse scores."""
+        tables = self.quantizer.lookup_tables(queries, metric="inner_product")
+        tables *= np.float32(2.0)
+        centroids = self._coarse_centroids
+        if self._coarse_norms is None or self._coarse_norms[0] is not centroids:
+            self._coarse_norms = (
+                centroids, np.einsum("ld,ld->l", centroids, centroids, dtype=np.float64)
+            )
+        return tables, coarse_scores(queries, centroids, norms=self._coarse_norms[1])
+
+    def _residual_distances(self, queries, indices, codes, cells):
+        """Exact distances of the selected items ``indices`` (n_queries, k),
+        re-sorted by (distance, index), from their code rows ``codes``
+        (``n_queries * k``, in the order of ``indices.ravel()``) and their
+        cells ``cells`` (n_queries, k): ``||q - (c + r)||`` in float64."""
+        centroids = self._coarse_centroids
+        recon = centroids[cells].astype(np.float64)
+        recon += self.quantizer.decode(codes).reshape(recon.shape)
+        diff = np.asarray(queries, dtype=np.float64)[:, None, :] - recon
+        sq = np.square(diff).sum(axis=-1)
+        order = np.lexsort((indices, sq), axis=1)
+        sq = np.take_along_axis(sq, order, 1)
+        indices = np.take_along_axis(indices, order, 1)
+        return np.sqrt(np.maximum(sq, 0.0)), indices
+
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):
         # Derived layouts are rebuilt on demand; the cells are kept.
         with self._lock:
             cells = self._lists.assignments if self._lists is not None else self._cells
-        return {"quantizer": self.quantizer, "codes": self.codes, "labels": self.labels,
-                "coarse_centroids": self._coarse_centroids, "cells": cells,
-                "n_items_trained": self.n_items_trained}
+        state = {"quantizer": self.quantizer, "codes": self.codes, "labels": self.labels,
+                 "coarse_centroids": self._coarse_centroids, "cells": cells,
+                 "n_items_trained": self.n_items_trained}
+        if self.by_residual:
+            # Only then: pickles of direct-code indexes keep their old state.
+            state["by_residual"] = True
+        return state
 
     def __setstate__(self, state):
         self.__init__(
             state["quantizer"], state["codes"], state["labels"],
             coarse_centroids=state["coarse_centroids"], cells=state["cells"],
+            by_residual=state.get("by_residual", False),
         )
         self.n_items_trained = state.get("n_items_trained")

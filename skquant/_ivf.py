@@ -7,31 +7,36 @@ This module is the kernel side: the cell layout of the codes
 the coarse centroids and keeping the cells up to date belong to the index
 (:class:`~skquant._index.QuantizedIndex`).
 
-Design choices (shared by every estimator, see ``benchmarks/bench_search.py``):
+Two kinds of codes share the scan (see :class:`~skquant._index.QuantizedIndex`):
 
-* **Direct codes.** Items keep the codes the estimator gave them; the cells
-  only reorder them. Residual codes (faiss ``IndexIVFPQ``) quantize ``x - c``
-  with codebooks trained on residuals, which would mean retraining each
-  estimator's (supervised, jointly learned) codebooks per cell and changing
-  what ``codes_`` and ``decode`` mean. With direct codes the AQD of a scanned
-  item is exactly its exhaustive AQD, so with ``n_probe = n_lists`` the result
-  *is* the exhaustive search, and recall is only lost on items of unprobed
-  cells. One lookup table per query serves all its cells.
-* **Cells of the reconstructions.** Items are assigned by their decoded vector
-  ``x̂`` (the point the AQD ranks), so the cells can be rebuilt from codes
-  alone (after ``index``, ``add``, unpickling, or setting ``codes_``), and a
-  database item used as a query (``kneighbors(X=None)``) probes its own cell
-  first.
-* **Scan.** Cells are stored contiguously (codes permuted by cell, then by
-  index). A query gathers the code rows of its probed cells in one
-  fancy-indexing call (each row read as one ``M``-byte word), sums its tables
-  over them (pair tables for long scans), and selects its top-k with one
-  partition. Per query that is about ten numpy
-  calls whatever ``n_probe`` is; a cell-by-cell loop (tried first, with the
-  queries of a cell scanned together) spent most of its time in per-cell
-  Python overhead at the cell sizes that matter (a few thousand items).
-  Queries are spread over threads; a single query's cells are split between
-  them. Ties are broken by the lower *original* index, as in exhaustive search.
+* **Direct codes** (the deep estimators, ``ProductQuantizer(by_residual=
+  False)``): items keep the codes the estimator gave them; the cells, fitted
+  to the reconstructions, only reorder them. A scanned item's value is its
+  exhaustive AQD, one lookup table per query serves all its cells, and with
+  every cell probed the result *is* the exhaustive search.
+* **Residual codes** (``ProductQuantizer`` with ``n_lists``, the default):
+  codes of ``x - c``, faiss ``IndexIVFPQ``'s. An item's value adds a
+  per-item term (``ivf.item_bias``) and its cell's coarse score for the query
+  to the same kind of one-table-per-query sum (``add_scores=True``), the
+  exact decomposition of ``||q - c - r||^2`` up to ``||q||^2``.
+
+The scan (``benchmarks/bench_search.py --ivf`` measures it against faiss):
+
+* **Batches, cell by cell.** The (query, cell) pairs are grouped by cell, so
+  each probed cell is read once for all the queries that probe it, in
+  database-major blocks of at most 64 queries (the tables of a block
+  transposed once per cell, a code's row of all the block's queries one
+  gather), as the exhaustive batch kernel does. Two passes: each query's
+  best cell first, whose ``k``-th value becomes the query's threshold, then
+  the other cells, where an entry costs a compare against it instead of a
+  partition. All candidates are merged at the end by ``(value, index)``.
+* **A few queries, one at a time**, over the concatenation of their cells'
+  code runs (cells are contiguous per codebook, adjacent cells read as one
+  run); threads split a query's cells.
+* Every path sums an item's terms in the same order (``(t0 + t1) + (t2 +
+  t3) + ...``, then the item and cell terms), so an item's float32 value
+  does not depend on the path, the batch or the threads; ties are broken by
+  the lower *original* index, as in exhaustive search.
 """
 
 import numpy as np
@@ -40,26 +45,35 @@ from sklearn import get_config
 from sklearn.utils import gen_batches
 
 from . import _search
-from ._search import (
-    _MAX_PAIR_CODEWORDS,
-    _merge_topk,
-    _pair_tables,
-    _refine,
-    _run_shards,
-)
+from ._search import _refine, _run_shards
 
 __all__ = [
     "InvertedLists",
     "assign_lists",
     "coarse_scores",
     "ivf_search",
+    "nearest",
 ]
 
-def coarse_scores(X, centroids, metric="euclidean"):
+# Queries from which a batch is scanned cell by cell (each probed cell read
+# once for all the queries that probe it); fewer queries are scanned one at a
+# time over the concatenation of their cells.
+_GROUPED_MIN_QUERIES = 8
+# (items x queries) entries of one block of the grouped scan: 2**18 float32
+# (1 MiB) accumulators stay in cache.
+_BLOCK_PAIRS = 2**18
+# Queries per block of the grouped scan: their tables, database-major
+# (M x K x 64 float32, 512 KiB at M = 8, K = 256), are built once per cell and
+# stay in cache; larger blocks cost more to transpose than they save.
+_QUERY_BLOCK = 64
+
+
+def coarse_scores(X, centroids, metric="euclidean", norms=None):
     """Lower-is-better scores of every (vector, cell) pair, (n, n_lists) float64.
 
     Squared Euclidean distance up to the per-row constant ``||x||^2`` (which
     does not change a row's ranking), or the negated inner product.
+    ``norms``: the centroids' squared norms (float64), when already known.
     """
     # float64: a float32 GEMM rounds a row's scores differently depending on
     # the rows that share its batch (and on the CPU), which could move an
@@ -69,23 +83,74 @@ def coarse_scores(X, centroids, metric="euclidean"):
     if metric == "inner_product":
         return np.negative(scores, out=scores)
     scores *= -2.0
-    scores += np.einsum("ld,ld->l", centroids, centroids, dtype=np.float64)[None, :]
+    if norms is None:
+        norms = np.einsum("ld,ld->l", centroids, centroids, dtype=np.float64)
+    scores += norms[None, :]
     return scores
+
+
+def nearest(X, centroids, exact_scores, *, norms=None):
+    """``argmin(exact_scores(X), axis=1)``, mostly without computing it.
+
+    ``exact_scores(rows)`` are float64 scores ``norms - 2 <x, c>`` (``norms``
+    given: squared Euclidean distances up to ``||x||^2``) or ``-<x, c>``
+    (``norms`` None), of float32 ``centroids``. They are first computed with
+    a float32 GEMM (several times faster); a row whose best float32 score
+    is not ahead of every other by more than twice a rigorous bound on the
+    float32 error is recomputed with ``exact_scores``. Every other row's
+    float32 winner is the exact winner, hence the float64 one: the result
+    is bitwise that of the float64 computation, whatever the batch and the
+    BLAS (ties go to the lower index, as ``argmin``).
+    """
+    X = np.asarray(X)
+    n, dim = X.shape
+    c32 = np.asarray(centroids, dtype=np.float32)
+    scores = np.asarray(X, dtype=np.float32) @ c32.T
+    c_max = float(np.sqrt(np.max(np.einsum("ld,ld->l", c32, c32, dtype=np.float64))))
+    n_max = 0.0
+    if norms is not None:
+        scores *= np.float32(-2.0)
+        scores += np.asarray(norms, dtype=np.float32)
+        n_max = float(np.max(np.abs(norms)))
+    else:
+        np.negative(scores, out=scores)
+    best = np.argmin(scores, axis=1)
+    s_best = scores[np.arange(n), best]
+    # Error of a float32 score against the exact one: rounding X to float32
+    # and the dot products (gamma_dim * ||x|| ||c|| by Cauchy-Schwarz, any
+    # summation order), the norms and the final add; 4x the unit roundoff's
+    # worth of margin over that first-order bound.
+    x_norm = np.sqrt(np.einsum("nd,nd->n", X, X, dtype=np.float64))
+    bound = 2.0**-22 * (dim + 8) * (x_norm * c_max + n_max + 1e-30)
+    scores[np.arange(n), best] = np.inf
+    second = scores.min(axis=1) if scores.shape[1] > 1 else np.full(n, np.inf)
+    close = second.astype(np.float64) - s_best <= 2.0 * bound
+    unsure = np.flatnonzero(close | ~np.isfinite(s_best))
+    if unsure.size:
+        best[unsure] = np.argmin(exact_scores(X[unsure]), axis=1)
+    return best
 
 
 def assign_lists(X, centroids, metric="euclidean"):
     """Cell of each row of ``X``: its best-scoring centroid, (n,) int32.
 
-    Computed in row chunks bounded by ``working_memory``; ties go to the lower
-    cell.
+    The argmin of :func:`coarse_scores` (float64), computed in row chunks
+    bounded by ``working_memory`` with a float32 GEMM certified by
+    :func:`nearest`; ties go to the lower cell.
     """
     X = np.asarray(X)
     n_lists = centroids.shape[0]
     out = np.empty(X.shape[0], dtype=np.int32)
-    row_bytes = 8 * (n_lists + X.shape[1])
+    row_bytes = 12 * (n_lists + X.shape[1])
     rows = max(1, int(get_config()["working_memory"] * 2**20) // row_bytes)
+    norms = None
+    if metric != "inner_product":
+        norms = np.einsum("ld,ld->l", centroids, centroids, dtype=np.float64)
     for batch in gen_batches(X.shape[0], rows):
-        out[batch] = np.argmin(coarse_scores(X[batch], centroids, metric), axis=1)
+        out[batch] = nearest(
+            X[batch], centroids, lambda rows: coarse_scores(rows, centroids, metric),
+            norms=norms,
+        )
     return out
 
 
@@ -100,6 +165,9 @@ class InvertedLists:
         Cell of each item, in ``[0, n_lists)``.
     n_lists : int
         Number of cells.
+    item_bias : ndarray of shape (n_items,), default=None
+        A per-item term added to every table sum (float32), e.g. the
+        query-independent part ``||r||^2 + 2 <c, r>`` of residual codes.
 
     Attributes
     ----------
@@ -113,15 +181,16 @@ class InvertedLists:
         Cell ``l`` holds stored items ``offsets[l]:offsets[l + 1]``.
     """
 
-    def __init__(self, codes, assignments, n_lists):
+    def __init__(self, codes, assignments, n_lists, item_bias=None):
         assignments = np.asarray(assignments)
         self.codes = codes
         self.assignments = assignments
+        self.item_bias = item_bias
         index_dtype = np.int32 if len(assignments) < 2**31 else np.int64
         self.order = np.argsort(assignments, kind="stable").astype(index_dtype)
         counts = np.bincount(assignments, minlength=n_lists)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._rows = None
+        self._stored = None
 
     @property
     def n_lists(self):
@@ -132,118 +201,310 @@ class InvertedLists:
         return np.diff(self.offsets)
 
     @property
-    def rows(self):
-        """``(rows, words)``: the codes in stored order, (n_items, M), and a
-        view of each row as one opaque element, so that gathering the rows of
-        some cells is one fancy-indexing pass. Built on first use."""
-        if self._rows is None:
-            rows = np.ascontiguousarray(self.codes[self.order])
-            words = rows.view(np.dtype((np.void, rows.itemsize * rows.shape[1]))).ravel()
-            self._rows = (rows, words)
-        return self._rows
+    def stored(self):
+        """``(codes_t, bias)``: the codes in stored order as (M, n_items)
+        C-contiguous rows (a cell's codes of one codebook are one contiguous
+        run) and the item bias in stored order (float32, or None). Built on
+        first use."""
+        if self._stored is None:
+            codes_t = np.empty((self.codes.shape[1], len(self.order)), dtype=self.codes.dtype)
+            for m in range(self.codes.shape[1]):
+                np.take(self.codes[:, m], self.order, out=codes_t[m])
+            bias = None
+            if self.item_bias is not None:
+                bias = np.asarray(self.item_bias, dtype=np.float32)[self.order]
+            self._stored = (codes_t, bias)
+        return self._stored
 
     def __getstate__(self):
         return {"codes": self.codes, "assignments": self.assignments,
-                "n_lists": self.n_lists}
+                "n_lists": self.n_lists, "item_bias": self.item_bias}
 
     def __setstate__(self, state):
-        self.__init__(state["codes"], state["assignments"], state["n_lists"])
+        self.__init__(state["codes"], state["assignments"], state["n_lists"],
+                      state.get("item_bias"))
 
 
 def _select_probes(scores, sizes, n_probe, k):
-    """The cells each query scans: its ``n_probe`` best, extended (in score
-    order) until they hold at least ``k`` items. Returns one array of cells
-    per query."""
+    """The (query, cell) pairs to scan: each query's ``n_probe`` best cells,
+    extended (in score order) until they hold at least ``k`` items.
+
+    Returns ``(pair_queries, pair_cells, best)``: the pairs, by query, and
+    each query's best cell.
+    """
     n_queries, n_lists = scores.shape
     n_probe = min(n_probe, n_lists)
-    if n_probe < n_lists:
+    best = np.argmin(scores, axis=1)
+    if n_probe == 1:
+        probes = best[:, None]
+    elif n_probe < n_lists:
         probes = np.argpartition(scores, n_probe - 1, axis=1)[:, :n_probe]
     else:
         probes = np.broadcast_to(np.arange(n_lists), (n_queries, n_lists))
-    probes = list(probes)
-    for q in np.flatnonzero(sizes[np.asarray(probes)].sum(axis=1) < k):
-        # Rare (tiny cells or large k): rank all cells of this query.
+    short = np.flatnonzero(sizes[probes].sum(axis=1) < k)
+    if not short.size:
+        pair_queries = np.repeat(np.arange(n_queries), probes.shape[1])
+        return pair_queries, probes.ravel(), best
+    # Rare (tiny cells or large k): rank all cells of these queries.
+    lists = list(probes)
+    for q in short:
         ranked = np.argsort(scores[q], kind="stable")
         n_needed = np.searchsorted(np.cumsum(sizes[ranked]), k) + 1
-        probes[q] = ranked[: max(n_probe, n_needed)]
-    return probes
+        lists[q] = ranked[: max(n_probe, n_needed)]
+    lengths = [len(p) for p in lists]
+    return np.repeat(np.arange(n_queries), lengths), np.concatenate(lists), best
 
 
-def _positions(offsets, cells):
-    """Stored positions of the items of ``cells`` (concatenated)."""
-    starts = offsets[cells]
-    lengths = offsets[cells + 1] - starts
-    total = int(lengths.sum())
-    # arange(total) shifted, cell by cell, to each cell's start.
-    shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-    return np.arange(total, dtype=np.int64) + shift
+def _cell_sums(block, bias, cell_bias, codes_t, a, b):
+    """Table sums of stored items ``a:b`` (of one cell) for a block of
+    queries: an (items, queries) float32 array, summed in the fixed order
+    ``t_0 + t_1 + ... + t_{M-1} + item bias + cell bias`` that the one-query
+    scan uses too (so both give bitwise the same float32 values).
 
-
-def _scan_queries(tables, scan, ivf, probes, queries, k, budget, n_probed=None):
-    """Top-k of each query in ``queries`` over its cells ``probes[q]``.
-
-    Returns (values, original indices), (len(queries), k), sentinel-padded
-    when the cells hold fewer than k items (a shard of a split query).
-    ``n_probed[q]``, when given, is the number of items query ``q`` probes
-    in the whole database (the kernel choice below depends on it, so a
-    database split in chunks sums each item the same way).
+    ``block`` holds the queries' tables database-major, (M, K, queries): a
+    code's row of every query is one contiguous gather.
     """
-    words, row_dtype, n_cols = scan
-    n_subspaces, n_codewords = tables.shape[1:]
-    out_values = np.full((len(queries), k), np.inf, dtype=np.float32)
-    out_indices = np.full((len(queries), k), np.iinfo(np.intp).max, dtype=np.intp)
-    # Per scanned item: its position, row (twice), pair code, value, term and
-    # selection.
-    chunk = max(1, budget // (8 + 2 * 2 * n_cols + 2 + 4 + 4 + 5))
-    for r, q in enumerate(queries):
-        positions = _positions(ivf.offsets, probes[q])
-        # Pair tables (K**2 entries per pair) halve the look-ups but cost about
-        # K**2 / 4 items' worth of look-ups to build: only for long scans.
-        n_scan = len(positions) if n_probed is None else n_probed[q]
-        paired = (n_subspaces >= 2 and n_codewords <= _MAX_PAIR_CODEWORDS
-                  and 4 * n_scan >= n_codewords**2)
-        if paired:
-            pair_tables, extra = _pair_tables(tables[q : q + 1])
-            pair_tables, extra = pair_tables[0], None if extra is None else extra[0]
-        best_v, best_i = out_values[r], out_indices[r]
-        for c0 in range(0, len(positions), chunk):
-            pos = positions[c0 : c0 + chunk]
-            # One gather of whole rows, then contiguous columns for np.take
-            # (strided index arrays are several times slower).
-            cols = words[pos].view(row_dtype).reshape(len(pos), n_cols).T.copy()
-            acc = np.zeros(len(pos), dtype=np.float32)
-            tmp = np.empty_like(acc)
-            if paired:
-                pair = np.empty(len(pos), dtype=np.uint16)
-                for j in range(n_subspaces // 2):
-                    np.multiply(cols[2 * j], n_codewords, out=pair, dtype=np.uint16)
-                    pair += cols[2 * j + 1]
-                    np.take(pair_tables[j], pair, out=tmp, mode="clip")
-                    acc += tmp
-                if extra is not None:
-                    np.take(extra, cols[-1], out=tmp, mode="clip")
-                    acc += tmp
-            else:
-                for m in range(n_subspaces):
-                    np.take(tables[q, m], cols[m], out=tmp, mode="clip")
-                    acc += tmp
-            # Candidates: the chunk's k best and ties, below the current k-th.
-            if len(acc) > k:
-                kth = np.partition(acc, k - 1)[k - 1]
-                cand = np.flatnonzero(acc <= min(kth, best_v[-1]))
-            else:
-                cand = np.flatnonzero(acc <= best_v[-1])
-            if not cand.size:
+    def term(m, out=None):
+        return np.take(block[m], codes_t[m, a:b], axis=0, out=out, mode="clip")
+
+    acc = _sum_in_pairs(term, block.shape[0])
+    if bias is not None:
+        acc += bias[a:b, None]
+        acc += cell_bias[None, :]
+    return acc
+
+
+def _sum_in_pairs(term, n_subspaces):
+    """``((t_0 + t_1) + (t_2 + t_3)) + ...`` (then ``+ t_{M-1}`` for odd M),
+    ``term(m, out=None)`` giving the float32 terms of sub-space ``m``.
+
+    The one order every scan sums in, so that the float32 value of an item
+    does not depend on the path (batch or one query), and pair tables
+    (whose entries are exactly ``t_{2j} + t_{2j+1}`` in float32) could serve
+    any path.
+    """
+    acc = term(0)
+    if n_subspaces == 1:
+        return acc
+    tmp = np.empty_like(acc)
+    acc += term(1, tmp)
+    tmp2 = np.empty_like(acc)
+    for j in range(1, n_subspaces // 2):
+        term(2 * j, tmp)
+        tmp += term(2 * j + 1, tmp2)
+        acc += tmp
+    if n_subspaces % 2:
+        acc += term(n_subspaces - 1, tmp)
+    return acc
+
+
+def _scan_groups(tables, cell_bias, ivf, groups, k, thresholds):
+    """Scan cells for the queries that probe them.
+
+    ``groups`` is a list of ``(cell, queries)``; ``cell_bias`` is
+    ``(n_queries, n_lists)`` float32 or None. With ``thresholds`` None (first
+    pass), each query keeps the ``k`` best items of its cell and their ties
+    and the ``k``-th value is returned as its threshold; otherwise items at or
+    below the query's threshold are kept. Returns ``(queries, values,
+    indices, kth)`` of the candidates (``kth`` only in the first pass).
+    """
+    codes_t, bias = ivf.stored
+    offsets, order = ivf.offsets, ivf.order
+    out_q, out_v, out_i, out_kth = [], [], [], []
+    for cell, cell_queries in groups:
+        a, b = int(offsets[cell]), int(offsets[cell + 1])
+        for q0 in range(0, len(cell_queries), _QUERY_BLOCK):
+            queries = cell_queries[q0 : q0 + _QUERY_BLOCK]
+            if a == b:
+                if thresholds is None:
+                    out_kth.append((queries, np.full(len(queries), np.inf, np.float32)))
                 continue
+            # The queries' tables database-major: built once per block of
+            # queries, read for every item of the cell.
+            block = np.ascontiguousarray(tables[queries].transpose(1, 2, 0))
+            cb = None if cell_bias is None else cell_bias[queries, cell]
+            step = max(1, _BLOCK_PAIRS // len(queries))
+            if thresholds is None:
+                step = b - a  # the first pass ranks a cell whole
+                limit = None
+            else:
+                limit = thresholds[queries]
+            for i0 in range(a, b, step):
+                i1 = min(i0 + step, b)
+                acc = _cell_sums(block, bias, cb, codes_t, i0, i1)
+                if limit is None:
+                    if i1 - i0 > k:
+                        kth = np.partition(acc, k - 1, axis=0)[k - 1]
+                    else:
+                        kth = np.full(len(queries), np.inf, dtype=np.float32)
+                    out_kth.append((queries, kth))
+                    hits = np.flatnonzero(acc <= kth)
+                else:
+                    hits = np.flatnonzero(acc <= limit)
+                if hits.size:
+                    items, cols = np.divmod(hits, len(queries))
+                    out_q.append(queries[cols])
+                    out_v.append(acc.ravel()[hits])
+                    out_i.append(order[items + i0])
+    return out_q, out_v, out_i, out_kth
+
+
+def _split_groups(groups, weights, n_jobs):
+    """Deal groups to ``n_jobs`` shards of about equal weight (largest first)."""
+    if n_jobs == 1:
+        return [groups]
+    shards = [[] for _ in range(n_jobs)]
+    load = np.zeros(n_jobs)
+    for g in np.argsort(weights, kind="stable")[::-1]:
+        j = int(np.argmin(load))
+        shards[j].append(groups[g])
+        load[j] += weights[g]
+    return [s for s in shards if s]
+
+
+def _group_pairs(pair_queries, pair_cells):
+    """Pairs grouped by cell: [(cell, sorted queries)] and their sizes."""
+    if not len(pair_cells):
+        return []
+    order = np.argsort(pair_cells, kind="stable")  # queries stay ascending
+    cells = pair_cells[order]
+    queries = pair_queries[order]
+    bounds = np.flatnonzero(np.diff(cells)) + 1
+    starts = np.concatenate([[0], bounds])
+    ends = np.concatenate([bounds, [len(cells)]])
+    return [(int(cells[s]), queries[s:e]) for s, e in zip(starts, ends, strict=True)]
+
+
+def _scan_grouped(tables, cell_bias, ivf, pairs, k, n_jobs):
+    """Batch scan: each probed cell read once for all queries probing it.
+
+    Two passes: each query's best cell first (its ``k``-th value there is its
+    threshold), then the other probed cells, keeping only entries at or below
+    the threshold (a compare instead of a partition). All candidates are then
+    merged by ``(value, index)``.
+    """
+    pair_queries, pair_cells, best = pairs
+    n_queries = tables.shape[0]
+    sizes = ivf.sizes
+    first = pair_cells == best[pair_queries]
+    results = []
+    thresholds = np.full(n_queries, np.inf, dtype=np.float32)
+    for thr in (None, thresholds):
+        mask = first if thr is None else ~first
+        groups = _group_pairs(pair_queries[mask], pair_cells[mask])
+        if not groups:
+            continue
+        weights = np.array([sizes[c] * len(q) for c, q in groups], dtype=np.float64)
+        shards = _split_groups(groups, weights, min(n_jobs, len(groups)))
+        parts = _run_shards(
+            _scan_groups, shards, lambda s: (tables, cell_bias, ivf, s, k, thr)
+        )
+        for out_q, out_v, out_i, out_kth in parts:
+            results.append((out_q, out_v, out_i))
+            for queries, kth in out_kth:
+                thresholds[queries] = kth
+    # (No candidate at all only in a chunk of a database: ``cell_sizes``.)
+    qs = np.concatenate([a for out_q, _, _ in results for a in out_q] or [[]])
+    vs = np.concatenate([a for _, out_v, _ in results for a in out_v] or [[]])
+    ids = np.concatenate([a for _, _, out_i in results for a in out_i] or [[]])
+    qs, vs = qs.astype(np.intp, copy=False), vs.astype(np.float32, copy=False)
+    ids = ids.astype(np.intp)
+    return _topk_by_query(qs, vs, ids, n_queries, k)
+
+
+def _topk_by_query(qs, vs, ids, n_queries, k):
+    """The ``k`` best candidates of each query by ``(value, index)``, padded
+    with ``(inf, max intp)`` for a query with fewer (only in one chunk of a
+    database, see ``ivf_search(cell_sizes=...)``)."""
+    order = np.lexsort((ids, vs, qs))
+    counts = np.bincount(qs, minlength=n_queries)
+    starts = np.cumsum(counts) - counts
+    slots = starts[:, None] + np.arange(k)
+    if (counts >= k).all():
+        keep = order[slots]
+        return vs[keep], ids[keep]
+    # Past a query's candidates: a sentinel entry appended at the end.
+    vs = np.append(vs, np.float32(np.inf))
+    ids = np.append(ids, np.iinfo(np.intp).max)
+    order = np.append(order, len(vs) - 1)
+    keep = order[np.where(np.arange(k) < counts[:, None], slots, len(order) - 1)]
+    return vs[keep], ids[keep]
+
+
+def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
+    """Top-k of query ``q`` over ``cells``: the cells' codes concatenated,
+    scanned in chunks of about ``budget`` items. Returns (values, original
+    indices), sentinel-padded when the cells hold fewer than k items."""
+    codes_t, bias = ivf.stored
+    offsets, order = ivf.offsets, ivf.order
+    table = tables[q]
+    n_subspaces = table.shape[0]
+    best_v = np.full(k, np.inf, dtype=np.float32)
+    best_i = np.full(k, np.iinfo(np.intp).max, dtype=np.intp)
+    # In stored order, so that neighbouring cells are read as one run (the
+    # result does not depend on the order: ties go to the lower index).
+    cells = np.sort(cells)
+    starts, ends = offsets[cells], offsets[cells + 1]
+    lengths = ends - starts
+    nonempty = lengths > 0
+    starts, ends, lengths, cells = starts[nonempty], ends[nonempty], lengths[nonempty], cells[nonempty]
+    chunk_ends = np.cumsum(lengths)
+    c0 = 0
+    while c0 < len(cells):
+        # Cells c0:c1 hold at most ``limit`` items (at least one cell): a
+        # small first chunk gives the running k-th value, after which a
+        # chunk costs a compare instead of a partition.
+        limit = budget if np.isfinite(best_v[-1]) else min(budget, max(64 * k, 4096))
+        base = chunk_ends[c0 - 1] if c0 else 0
+        c1 = max(c0 + 1, int(np.searchsorted(chunk_ends, base + limit, side="right")))
+        # Runs of adjacent cells, each one slice.
+        s0, e0 = starts[c0:c1], ends[c0:c1]
+        new_run = np.flatnonzero(s0[1:] != e0[:-1]) + 1
+        run_starts = np.concatenate([[0], new_run])
+        run_ends = np.concatenate([new_run, [len(s0)]]) - 1
+        spans = [slice(int(s0[a]), int(e0[b])) for a, b in zip(run_starts, run_ends, strict=True)]
+        if len(spans) == 1:
+            cols = codes_t[:, spans[0]]
+        else:
+            cols = np.concatenate([codes_t[:, s] for s in spans], axis=1)
+        # (Pair tables, as in the exhaustive one-query kernel, measured
+        # slower here: the pair codes of the gathered runs must be formed
+        # per query.)
+        acc = _sum_in_pairs(
+            lambda m, out=None: np.take(table[m], cols[m], out=out, mode="clip"),
+            n_subspaces,
+        )
+        if bias is not None:
+            acc += np.concatenate([bias[s] for s in spans]) if len(spans) > 1 else bias[spans[0]]
+            acc += np.repeat(cell_bias[q, cells[c0:c1]], lengths[c0:c1])
+        if len(acc) > k and not np.isfinite(best_v[-1]):
+            kth = np.partition(acc, k - 1)[k - 1]
+            cand = np.flatnonzero(acc <= kth)
+        else:
+            cand = np.flatnonzero(acc <= best_v[-1])
+        if cand.size:
+            # Stored positions of the candidates -> original indices.
+            seg = np.searchsorted(np.cumsum(lengths[c0:c1]), cand, side="right")
+            pos = starts[c0:c1][seg] + cand - (np.cumsum(lengths[c0:c1]) - lengths[c0:c1])[seg]
             values = np.concatenate([best_v, acc[cand]])
-            ids = np.concatenate([best_i, ivf.order[pos[cand]]])
+            ids = np.concatenate([best_i, order[pos]])
             keep = np.lexsort((ids, values))[:k]
-            best_v[:], best_i[:] = values[keep], ids[keep]
-    return out_values, out_indices
+            best_v, best_i = values[keep], ids[keep]
+        c0 = c1
+    return best_v, best_i
+
+
+def _scan_queries(tables, cell_bias, ivf, probes, queries, k, budget):
+    """One-query-at-a-time scan of ``queries`` over their cells ``probes[q]``."""
+    out_v = np.empty((len(queries), k), dtype=np.float32)
+    out_i = np.empty((len(queries), k), dtype=np.intp)
+    for r, q in enumerate(queries):
+        out_v[r], out_i[r] = _scan_one(tables, cell_bias, ivf, probes[q], q, k, budget)
+    return out_v, out_i
 
 
 def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
-               cell_sizes=None, refine=True):
+               add_scores=False, refine=True, cell_sizes=None):
     """Non-exhaustive AQD search over the best ``n_probe`` cells of each query.
 
     Parameters
@@ -260,21 +521,26 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
         Cells scanned per query (more when they hold fewer than
         ``n_neighbors`` items, so that every query gets ``n_neighbors``).
     n_jobs : int, default=None
-        Threads: over queries for batches, over a query's cells for one query.
+        Threads: over cells for batches, over a query's cells for one query.
+    add_scores : bool, default=False
+        Residual codes: an item's value is its table sum plus its
+        ``ivf.item_bias`` plus its cell's coarse score for the query.
+    refine : bool, default=True
+        Recompute the winners' table sums in float64 (direct codes only);
+        with False the float32 values of the scan are returned.
     cell_sizes : ndarray of shape (n_lists,), default=None
         Items per cell of the whole database when ``ivf`` holds one chunk of
-        it (see :mod:`skquant._dask_index`): probes and kernels are chosen
-        from these, so that every chunk scans the cells, and sums the items,
-        as the whole database would. None: ``ivf.sizes``.
-    refine : bool, default=True
-        False returns the candidates as selected: the best by (float32 sum,
-        index), with those sums, padded with ``(inf, max intp)`` where the
-        probed cells of ``ivf`` hold fewer than ``n_neighbors`` items.
+        it (see :mod:`skquant._dask_index`): the probes are chosen from these,
+        so that every chunk scans the cells the whole database would, and a
+        query whose probed cells hold fewer than ``n_neighbors`` items of the
+        chunk gets its candidates padded with ``(inf, max intp)`` (use with
+        ``refine=False``). None: ``ivf.sizes``.
 
     Returns
     -------
-    values : ndarray of shape (n_queries, n_neighbors), float64
-        Table sums (recomputed in float64 for the selected items), ascending.
+    values : ndarray of shape (n_queries, n_neighbors)
+        Table sums, ascending: float64 recomputed for the selected items
+        (``refine=True``) or the scan's float32 values.
     indices : ndarray of shape (n_queries, n_neighbors), intp
         Original database indices; equal values ordered by lower index.
 
@@ -298,38 +564,44 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
             f"Expected 1 <= n_neighbors <= n_items, got n_neighbors={n_neighbors} "
             f"and n_items={n_items}."
         )
-    probes = _select_probes(scores, sizes, n_probe, n_neighbors)
-    n_probed = None if cell_sizes is None else [int(sizes[p].sum()) for p in probes]
-    rows, words = ivf.rows
-    scan = (words, rows.dtype, rows.shape[1])
-    budget = max(1, int(get_config()["working_memory"] * 2**20))
-
-    n_scanned = sum(int(ivf.sizes[p].sum()) for p in probes)
+    if add_scores and ivf.item_bias is None:
+        raise ValueError("add_scores=True needs inverted lists with an item_bias.")
+    cell_bias = np.asarray(scores, dtype=np.float32) if add_scores else None
+    pairs = _select_probes(scores, sizes, n_probe, n_neighbors)
+    n_scanned = int(ivf.sizes[pairs[1]].sum())
     n_jobs = max(1, min(effective_n_jobs(n_jobs), n_scanned // _search._MIN_SHARD_WORK))
-    if n_jobs == 1 or n_queries >= n_jobs:
-        groups = [g for g in np.array_split(np.arange(n_queries), n_jobs) if len(g)]
-        results = _run_shards(
-            _scan_queries, groups,
-            lambda g: (tables, scan, ivf, probes, g, n_neighbors, budget, n_probed),
-        )
-        values = np.vstack([v for v, _ in results])
-        indices = np.vstack([i for _, i in results])
+    if n_queries >= _GROUPED_MIN_QUERIES:
+        values, indices = _scan_grouped(tables, cell_bias, ivf, pairs, n_neighbors, n_jobs)
     else:
-        # Fewer queries than threads: each thread scans a share of every
-        # query's cells (cells are split, the items of a cell never are).
-        shares = [[np.array_split(p, n_jobs)[t] for p in probes] for t in range(n_jobs)]
-        everyone = np.arange(n_queries)
-        results = _run_shards(
-            _scan_queries, list(range(n_jobs)),
-            lambda t: (tables, scan, ivf, shares[t], everyone, n_neighbors, budget,
-                       n_probed),
-        )
-        values = np.hstack([v for v, _ in results])
-        indices = np.hstack([i for _, i in results])
-        if not refine:
-            order = np.lexsort((indices, values), axis=1)[:, :n_neighbors]
-            return np.take_along_axis(values, order, 1), np.take_along_axis(indices, order, 1)
-        indices = _merge_topk(values, indices, n_neighbors)
+        pair_queries, pair_cells, _ = pairs
+        bounds = np.searchsorted(pair_queries, np.arange(n_queries + 1))
+        probes = [pair_cells[bounds[q] : bounds[q + 1]] for q in range(n_queries)]
+        # Per scanned item: codes, value, term and selection.
+        budget = max(1, int(get_config()["working_memory"] * 2**20)
+                     // (n_subspaces * tables.itemsize + 4 + 4 + 4 + 9))
+        budget = min(budget, 2**18)
+        if n_jobs == 1 or n_queries >= n_jobs:
+            groups = [g for g in np.array_split(np.arange(n_queries), n_jobs) if len(g)]
+            results = _run_shards(
+                _scan_queries, groups,
+                lambda g: (tables, cell_bias, ivf, probes, g, n_neighbors, budget),
+            )
+            values = np.vstack([v for v, _ in results])
+            indices = np.vstack([i for _, i in results])
+        else:
+            # Fewer queries than threads: each thread scans a share of every
+            # query's cells (cells are split, the items of a cell never are).
+            shares = [[np.array_split(p, n_jobs)[t] for p in probes] for t in range(n_jobs)]
+            everyone = np.arange(n_queries)
+            results = _run_shards(
+                _scan_queries, list(range(n_jobs)),
+                lambda t: (tables, cell_bias, ivf, shares[t], everyone, n_neighbors, budget),
+            )
+            values = np.hstack([v for v, _ in results])
+            ids = np.hstack([i for _, i in results])
+            order = np.lexsort((ids, values), axis=1)[:, :n_neighbors]
+            values = np.take_along_axis(values, order, 1)
+            indices = np.take_along_axis(ids, order, 1)
     if not refine:
         return values, indices
     return _refine(tables, ivf.codes, indices)

@@ -153,15 +153,18 @@ class QuantizerPipeline(Pipeline):
         final = self._fitted_final_step("encode")
         return final.encode(self._preprocess(X))
 
-    def decode(self, codes):
+    def decode(self, codes, cells=None):
         """The quantizer's reconstruction of ``codes`` (its embedding space).
+
+        ``cells``: the cells of residual codes (see the quantizer's
+        ``decode``).
 
         Returns
         -------
         X_hat : ndarray of shape (n_codes, n_features_out)
         """
         final = self._fitted_final_step("decode")
-        return final.decode(codes)
+        return final.decode(codes, cells=cells)
 
 
 def make_quantizer_pipeline(*steps, memory=None, transform_input=None, verbose=False):

@@ -28,6 +28,10 @@ FACTORIES = {
         n_codebooks=4, n_codewords=16, rotation=True, n_lists=8, n_probe=3,
         random_state=0,
     ),
+    "PQ-IVF-direct": lambda: ProductQuantizer(
+        n_codebooks=4, n_codewords=16, n_lists=8, n_probe=3, by_residual=False,
+        random_state=0,
+    ),
     "DQN": lambda: DeepQuantizer(
         n_codebooks=4, n_codewords=16, max_iter=4, random_state=0, device="cpu"
     ),

@@ -110,6 +110,74 @@ def test_same_results_as_in_memory(client, fitted, digits, n_lists):
     est.set_params(n_lists=None)
 
 
+@pytest.mark.parametrize("rotation", [False, True], ids=["pq", "opq"])
+@pytest.mark.parametrize("by_residual", [True, False], ids=["residual", "direct"])
+def test_product_ivf_same_results_as_in_memory(client, digits, by_residual, rotation):
+    # ProductQuantizer fitted with n_lists: residual codes (the default) are
+    # assigned to the model's cells and encoded on the workers, their
+    # per-item terms computed there; direct codes keep their own cells.
+    X, y, X_db, y_db, Q, yq = digits
+    pq = FACTORIES["PQ"](n_lists=12, n_probe=3, by_residual=by_residual,
+                         rotation=rotation).fit(X, y)
+    pq.index(X_db, y_db)
+    assert pq.index_.by_residual == by_residual
+    expected = _results(pq, Q)
+    expected_all = _results(pq.set_params(n_probe=12), Q)
+    expected_score = pq.score(Q, yq)
+    codes, cells = pq.codes_, pq.cells_
+
+    Xd = da.from_array(X_db, chunks=(CHUNKS, -1))
+    with distributed.get_task_stream(client) as stream:
+        pq.index(Xd, y_db)
+    # One encoding task per chunk (codes and cells of residual codes together).
+    keys = [str(task["key"]) for task in stream.data]
+    assert sum("_encode_" in k for k in keys) == len(CHUNKS)
+    assert isinstance(pq.index_, DaskIndex) and pq.index_.by_residual == by_residual
+    assert_array_equal(pq.codes_.compute(), codes)
+    assert isinstance(pq.cells_, da.Array)
+    assert_array_equal(pq.cells_.compute(), cells)
+    _assert_all_equal(_results(pq, Q), expected_all)
+    pq.set_params(n_probe=3)
+    _assert_all_equal(_results(pq, Q), expected)
+    assert pq.score(Q, yq) == expected_score
+    # encode/decode of a dask X: the codes and cells the index stores.
+    dcodes, dcells = pq.encode(Xd, return_cells=True)
+    assert_array_equal(dcodes.compute(), codes)
+    if by_residual:
+        assert_array_equal(dcells.compute(), cells)
+        assert_array_equal(pq.decode(codes[:50], cells=cells[:50]),
+                           pq.decode(dcodes[:50].compute(), cells=dcells[:50].compute()))
+    else:
+        assert dcells is None
+
+
+def test_residual_add_pickle_and_back_to_memory(client, digits):
+    X, y, X_db, y_db, Q, _ = digits
+    pq = FACTORIES["PQ"](n_lists=10, n_probe=2).fit(X, y)
+    assert pq.index_.by_residual
+    pq.index(X_db, y_db)
+    expected = _results(pq, Q)
+    # In memory -> cluster by add (the indexed items, with their cells,
+    # become the first chunks), then an in-memory add becomes a chunk.
+    pq.index(X_db[:500], y_db[:500])
+    pq.add(da.from_array(X_db[500:800], chunks=150), y_db[500:800])
+    assert isinstance(pq.index_, DaskIndex) and pq.index_.by_residual
+    pq.add(X_db[800:], y_db[800:])
+    assert pq.n_samples_fit_ == len(X_db) and len(pq.codes_.chunks[0]) > 3
+    _assert_all_equal(_results(pq, Q), expected)
+    loaded = pickle.loads(pickle.dumps(pq))
+    assert type(loaded.index_) is QuantizedIndex and loaded.index_.by_residual
+    _assert_all_equal(_results(loaded, Q), expected)
+    # Cells are part of the model: not retrained, not replaceable.
+    with pytest.raises(ValueError, match="Refit"):
+        pq.train_inverted_file()
+    with pytest.raises(ValueError, match="cell of every item"):
+        pq.codes_ = pq.codes_
+    pq.index(X_db, y_db)  # back to memory
+    assert type(pq.index_) is QuantizedIndex and pq.index_.by_residual
+    _assert_all_equal(_results(pq, Q), expected)
+
+
 def test_ties_across_chunks_go_to_the_lower_index(client, digits):
     X, y, X_db, *_ = digits
     pq = FACTORIES["PQ"]().fit(X, y)
@@ -190,9 +258,10 @@ def test_skquant_imports_and_works_without_dask():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_worker_lost_between_two_queries_changes_no_result(client, digits):
+@pytest.mark.parametrize("by_residual", [True, False], ids=["residual", "direct"])
+def test_worker_lost_between_two_queries_changes_no_result(client, digits, by_residual):
     X, y, X_db, *_ = digits
-    pq = FACTORIES["PQ"](n_lists=8, n_probe=2).fit(X, y)
+    pq = FACTORIES["PQ"](n_lists=8, n_probe=2, by_residual=by_residual).fit(X, y)
     # A lost chunk is recomputed from its graph: X must be recomputable.
     pq.index(da.from_array(X_db, chunks=(CHUNKS, -1)))
     before = pq.kneighbors(X[:30], n_neighbors=6)
@@ -201,11 +270,17 @@ def test_worker_lost_between_two_queries_changes_no_result(client, digits):
         client.restart_workers([worker])
         after = pq.kneighbors(X[:30], n_neighbors=6)
     _assert_all_equal(after, before)
-    # The lost chunks were encoded again (and their cells assigned again),
-    # as soon as the worker left or by the query.
+    # The lost chunks were encoded again (residual codes: with their cells;
+    # direct codes: their cells assigned again) and their scan objects (with
+    # the per-item terms of residual codes) rebuilt, as soon as the worker
+    # left or by the query.
     keys = [str(task["key"]) for task in stream.data]
-    assert any("_encode_chunk" in k for k in keys)
-    assert any("_assign_chunk" in k for k in keys)
+    if by_residual:
+        assert any("_encode_cells_chunk" in k for k in keys)
+    else:
+        assert any("_encode_chunk" in k for k in keys)
+        assert any("_assign_chunk" in k for k in keys)
+    assert any("_make_chunk" in k for k in keys)
     assert_array_equal(pq.codes_.compute(), pq.encode(X_db))
 
 

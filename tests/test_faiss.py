@@ -47,7 +47,7 @@ def _assert_same_neighbors(quantizer, queries, faiss_dist, faiss_ind, distances)
 
 
 def _euclidean_aqd(quantizer):
-    database = quantizer.decode(quantizer.codes_).astype(np.float64)
+    database = quantizer.decode(quantizer.codes_, cells=quantizer.cells_).astype(np.float64)
 
     def distances(Z, items):
         Z = np.asarray(Z, dtype=np.float64)[:, None, :]
@@ -191,26 +191,33 @@ def test_from_faiss_rejects_other_indexes():
         ProductQuantizer.from_faiss(faiss.IndexPQ(8, 2, 4))
 
 
+@pytest.mark.parametrize("by_residual", [False, True])
 @pytest.mark.parametrize("rotation", [False, True])
-def test_inverted_file_to_faiss(digits, rotation):
+def test_inverted_file_to_faiss(digits, rotation, by_residual):
+    # Residual codes export with by_residual (behind the rotation for OPQ:
+    # faiss's residual x R - c R is the one encoded), direct codes without.
     X, _ = digits
     train, test = X[:1500], X[1500:1600]
     pq = ProductQuantizer(
         n_codebooks=8, n_codewords=32, rotation=rotation, n_rotation_iter=2,
-        n_lists=8, n_probe=2, random_state=0,
+        n_lists=8, n_probe=2, by_residual=by_residual, random_state=0,
     ).fit(train)
     index = pq.to_faiss()
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-    assert isinstance(ivf, faiss.IndexIVFPQ) and not ivf.by_residual
+    assert isinstance(ivf, faiss.IndexIVFPQ) and ivf.by_residual == by_residual
     assert ivf.nlist == 8 and ivf.nprobe == 2 and index.ntotal == len(train)
     # Same cells: faiss's list sizes are skquant's cell sizes.
     sizes = [ivf.invlists.list_size(c) for c in range(8)]
-    cells = pq.index_.assign_cells(pq.codes_)
+    cells = pq.cells_ if by_residual else pq.index_.assign_cells(pq.codes_)
     np.testing.assert_array_equal(sizes, np.bincount(cells, minlength=8))
     # Every cell holds far more than k items, so both probe exactly 2 cells.
     assert min(sizes) > 10
-    dist_f, ind_f = index.search(test, 10)
-    _assert_same_neighbors(pq, test, np.sqrt(np.maximum(dist_f, 0)), ind_f, _euclidean_aqd(pq))
+    for n_probe in (2, 8):  # a few cells, and all of them
+        ivf.nprobe = n_probe
+        pq.set_params(n_probe=n_probe)
+        dist_f, ind_f = index.search(test, 10)
+        _assert_same_neighbors(pq, test, np.sqrt(np.maximum(dist_f, 0)), ind_f,
+                               _euclidean_aqd(pq))
 
 
 def test_spherical_quantizer_inverted_file_to_faiss(digits):
@@ -228,12 +235,14 @@ def test_spherical_quantizer_inverted_file_to_faiss(digits):
 
 def test_to_faiss_refuses_untrained_cells(digits):
     X, _ = digits
-    pq = ProductQuantizer(n_codebooks=8, n_codewords=16, n_lists=8, random_state=0).fit(X[:500])
+    pq = ProductQuantizer(n_codebooks=8, n_codewords=16, n_lists=8, by_residual=False,
+                          random_state=0).fit(X[:500])
     pq.set_params(n_lists=12)
     with pytest.raises(ValueError, match="n_lists=12 but its coarse quantizer has 8 cells"):
         pq.to_faiss()
     index = faiss.downcast_index(pq.train_inverted_file().to_faiss())
     assert isinstance(index, faiss.IndexIVFPQ) and index.nlist == 12
-    small = ProductQuantizer(n_codebooks=8, n_codewords=16, n_lists=600).fit(X[:500])
+    small = ProductQuantizer(n_codebooks=8, n_codewords=16, n_lists=600,
+                             by_residual=False).fit(X[:500])
     with pytest.raises(ValueError, match="has 0 cells: call train_inverted_file"):
         small.to_faiss()

@@ -39,18 +39,26 @@ def _restricted_reference(sums, assignments, scores, n_probe, k):
 @pytest.mark.parametrize("n_queries", [1, 3, 40])
 @pytest.mark.parametrize("n_probe", [1, 2, 5])
 @pytest.mark.parametrize("n_jobs", [None, 2])
-def test_ivf_equals_brute_force_on_probed_cells(n_queries, n_probe, n_jobs):
+@pytest.mark.parametrize("residual", [False, True])
+def test_ivf_equals_brute_force_on_probed_cells(n_queries, n_probe, n_jobs, residual):
     rng = np.random.default_rng(n_queries + 10 * n_probe)
     M, K, n_items, n_lists = 3, 8, 600, 7
     # Integer tables: exact sums and many ties, broken by the original index.
     tables = rng.integers(0, 3, size=(n_queries, M, K)).astype(np.float32)
     codes = rng.integers(0, K, size=(n_items, M)).astype(np.uint8)
     assignments = rng.integers(0, n_lists, size=n_items)
-    scores = rng.normal(size=(n_queries, n_lists)).astype(np.float32)
-    ivf = InvertedLists(codes, assignments, n_lists)
+    # Distinct integer cell scores: unambiguous probes, exact sums.
+    scores = np.argsort(rng.random((n_queries, n_lists)), axis=1).astype(np.float64)
     sums = tables[:, np.arange(M), codes].sum(-1)
+    # Residual codes: each item's value also holds a per-item term and its
+    # cell's coarse score.
+    bias = rng.integers(-2, 3, size=n_items).astype(np.float32) if residual else None
+    if residual:
+        sums = sums + bias + scores[:, assignments]
+    ivf = InvertedLists(codes, assignments, n_lists, item_bias=bias)
     for k in (1, 10, 150):
-        values, indices = ivf_search(tables, scores, ivf, k, n_probe=n_probe, n_jobs=n_jobs)
+        values, indices = ivf_search(tables, scores, ivf, k, n_probe=n_probe, n_jobs=n_jobs,
+                                     add_scores=residual, refine=not residual)
         expected = _restricted_reference(sums, assignments, scores, n_probe, k)
         np.testing.assert_array_equal(indices, expected)
         np.testing.assert_array_equal(values, np.take_along_axis(sums, expected, 1))
@@ -129,6 +137,9 @@ def blobs():
 
 
 def _pq(**params):
+    # Direct codes: these tests check that the cells only choose what is
+    # scanned (residual codes are tested in test_residual.py).
+    params.setdefault("by_residual", False)
     return ProductQuantizer(n_codebooks=4, n_codewords=32, random_state=0, **params)
 
 
@@ -226,7 +237,7 @@ def test_estimator_index_add_and_pickle_reuse_cells(blobs, monkeypatch):
 
 def test_estimator_n_lists_larger_than_database():
     X = np.random.default_rng(5).normal(size=(30, 4))
-    est = ProductQuantizer(n_codebooks=2, n_codewords=8, n_lists=50).fit(X)
+    est = ProductQuantizer(n_codebooks=2, n_codewords=8, n_lists=50, by_residual=False).fit(X)
     # More cells than items: no cells yet, a clear error at search...
     assert est.coarse_centroids_ is None
     with pytest.raises(ValueError, match="exceeds the 30 indexed items"):
@@ -286,8 +297,8 @@ def test_all_probes_route_to_the_exhaustive_kernel(blobs, monkeypatch, n_probe):
 @pytest.mark.parametrize("M, K, n_items", [(1, 16, 300), (2, 300, 900), (5, 16, 3000),
                                            (4, 256, 20000)])
 def test_paired_and_plain_scans(M, K, n_items):
-    # Short scans use plain tables, long ones pair tables (K <= 256), wide
-    # codes (K > 256) never pairs; all give the restricted brute force.
+    # Short and long scans (several chunks of a query's cells), narrow and
+    # wide codes (K > 256): all give the restricted brute force.
     rng = np.random.default_rng(M * K)
     tables = rng.integers(0, 40, size=(6, M, K)).astype(np.float32)
     codes = rng.integers(0, K, size=(n_items, M)).astype(np.uint8 if K <= 256 else np.uint16)
@@ -301,3 +312,30 @@ def test_paired_and_plain_scans(M, K, n_items):
         np.testing.assert_array_equal(
             indices, _restricted_reference(sums, assignments, scores, n_probe, 9)
         )
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_nearest_is_the_float64_argmin_even_near_ties(offset):
+    # The float32 GEMM is only trusted where its winner is certain: points
+    # on (or within rounding of) the bisector of two centroids, duplicated
+    # centroids and far-off data still get exactly the float64 argmin.
+    from skquant._product import encode_product
+
+    rng = np.random.default_rng(0)
+    C = (rng.normal(size=(40, 8)) + offset).astype(np.float32)
+    C[7] = C[3]  # an exact tie: the lower index wins
+    i, j = rng.integers(0, 40, size=(2, 3000))
+    t = rng.choice([0.5, 0.5 + 1e-7, 0.5 - 1e-7, 0.3], size=3000)[:, None]
+    X = np.r_[t * C[i] + (1 - t) * C[j], rng.normal(size=(1000, 8)) + offset, C[[3, 7]]]
+    expected = np.argmin(coarse_scores(X, C), axis=1)
+    np.testing.assert_array_equal(assign_lists(X, C), expected)
+    np.testing.assert_array_equal(assign_lists(X, C, "inner_product"),
+                                  np.argmin(coarse_scores(X, C, "inner_product"), axis=1))
+    codebooks = C.reshape(40, 2, 4).transpose(1, 0, 2).copy()  # M=2, K=40, d=4
+    norms = np.einsum("mkd,mkd->mk", codebooks, codebooks, dtype=np.float64)
+    reference = np.stack([
+        np.argmin(norms[m] - 2.0 * (X[:, 4 * m : 4 * m + 4] @ codebooks[m].T.astype(np.float64)),
+                  axis=1)
+        for m in range(2)
+    ], axis=1)
+    np.testing.assert_array_equal(encode_product(X, codebooks), reference)

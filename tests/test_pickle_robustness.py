@@ -27,6 +27,8 @@ ESTIMATORS = {
     "PQ": lambda: ProductQuantizer(4, 16, random_state=0),
     "OPQ": lambda: ProductQuantizer(4, 16, rotation=True, n_rotation_iter=2, random_state=0),
     "PQ-IVF": lambda: ProductQuantizer(4, 16, n_lists=6, n_probe=2, random_state=0),
+    "PQ-IVF-direct": lambda: ProductQuantizer(4, 16, n_lists=6, n_probe=2,
+                                              by_residual=False, random_state=0),
     "DQN": lambda: DeepQuantizer(n_codebooks=2, n_codewords=8, embedding_dim=8, **DEEP),
     "DQN-two-step": lambda: DeepQuantizer(
         n_codebooks=2, n_codewords=8, embedding_dim=8, joint=False, **DEEP
@@ -60,7 +62,7 @@ def _outputs(est, Q, yq):
     return [
         est.transform(Q),
         est.encode(Q),
-        est.decode(est.codes_[:20]),
+        est.decode(est.codes_[:20], cells=None if est.cells_ is None else est.cells_[:20]),
         *est.kneighbors(Q, n_neighbors=7),
         *est.kneighbors(n_neighbors=3),
         est.kneighbors_graph(Q, n_neighbors=4, mode="distance").toarray(),

@@ -398,6 +398,24 @@ def test_train_epochs_learns_reproducibly(capsys):
     assert not np.array_equal(embed(net, X, "cpu"), embed(net3, X, "cpu"))
 
 
+def test_train_epochs_weight_averaging_is_mean_of_last_epoch_ends():
+    # Independent computation: the weights at the end of epochs 3, 4 and 5 of
+    # the same seeded run without averaging, averaged by hand
+    # (5 epochs, weight_averaging=0.5 -> the last ceil(2.5) = 3 epochs).
+    net_avg, _, n, X = _toy_problem(epochs=5, weight_averaging=0.5)
+    assert n == 5
+    ends = [_toy_problem(epochs=epochs)[0].state_dict() for epochs in (3, 4, 5)]
+    for key, value in net_avg.state_dict().items():
+        expected = torch.stack([e[key].to(torch.float64) for e in ends]).mean(0)
+        assert_allclose(value.to(torch.float64).numpy(), expected.numpy(), rtol=1e-5,
+                        atol=1e-6, err_msg=key)
+    net_plain = _toy_problem(epochs=5)[0]
+    assert not np.array_equal(embed(net_avg, X, "cpu"), embed(net_plain, X, "cpu"))
+    # 0 keeps the last step's weights exactly.
+    net_zero = _toy_problem(epochs=5, weight_averaging=0.0)[0]
+    assert_array_equal(embed(net_zero, X, "cpu"), embed(net_plain, X, "cpu"))
+
+
 def test_train_epochs_non_finite_loss_raises_clear_error():
     net = nn.Linear(2, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)

@@ -181,7 +181,7 @@ class DeepQuantizer(BaseQuantizer):
         ``||z - C h||^2``) relative to the similarity loss (mean over the
         batch's pairs). The paper's code uses 1e-4 with a 300-d AlexNet
         bottleneck; see Notes.
-    temperature : float, default=2.0
+    temperature : float, default=1.0
         With ``loss="posterior"``: the embedding is the posterior of
         ``logits / temperature`` (training sees the plain logits). Ignored by
         the pairwise losses.
@@ -212,8 +212,13 @@ class DeepQuantizer(BaseQuantizer):
         Learning rate of the backbone, e.g. 10x smaller than
         ``learning_rate`` to fine-tune a pretrained network, as the paper's
         per-layer rates do; ``0`` freezes it. ``None`` uses ``learning_rate``.
-    weight_decay : float, default=1e-4
+    weight_decay : float, default=1e-2
         L2 penalty on the network's weights.
+    weight_averaging : float in [0, 1], default=0.5
+        Stochastic weight averaging (Izmailov et al., 2018): the network
+        weights at the end of each of the last ``weight_averaging * max_iter``
+        epochs (rounded up) are averaged, and the average is the fitted
+        network. ``0`` keeps the weights of the last step.
     dropout : float, default=0.0
         Dropout probability after each hidden layer of the default MLP.
     device : str or torch.device, default="auto"
@@ -361,6 +366,9 @@ class DeepQuantizer(BaseQuantizer):
     (1, 3)
     """
 
+    # Pickles written before weight averaging existed were trained without it.
+    _legacy_parameter_values = {"weight_averaging": 0.0}
+
     _parameter_constraints = {
         **BaseQuantizer._parameter_constraints,
         **NETWORK_PARAMETER_CONSTRAINTS,
@@ -386,7 +394,7 @@ class DeepQuantizer(BaseQuantizer):
         input_shape=None,
         loss="posterior",
         quantization_weight=0.01,
-        temperature=2.0,
+        temperature=1.0,
         tie_break=0.1,
         joint=True,
         max_iter=60,
@@ -395,7 +403,8 @@ class DeepQuantizer(BaseQuantizer):
         batch_size=128,
         learning_rate=1e-3,
         backbone_learning_rate=None,
-        weight_decay=1e-4,
+        weight_decay=1e-2,
+        weight_averaging=0.5,
         dropout=0.0,
         device="auto",
         random_state=None,
@@ -423,6 +432,7 @@ class DeepQuantizer(BaseQuantizer):
         self.learning_rate = learning_rate
         self.backbone_learning_rate = backbone_learning_rate
         self.weight_decay = weight_decay
+        self.weight_averaging = weight_averaging
         self.dropout = dropout
         self.device = device
         self.random_state = random_state
@@ -541,6 +551,7 @@ class DeepQuantizer(BaseQuantizer):
                 estimator_name=name,
                 verbose=self.verbose,
                 history=history,
+                weight_averaging=self.weight_averaging,
                 on_epoch_begin=refit_codebooks,
             )
             del optimizer, state["target"]

@@ -131,7 +131,7 @@ class SphericalQuantizer(BaseQuantizer):
         paper mode). ``"posterior"``: the embedding is the posterior of the
         network's own classifier; ``center_weight`` and
         ``discriminative_weight`` are then not used.
-    temperature : float, default=2.0
+    temperature : float, default=1.0
         With ``loss="posterior"``: the embedding is the posterior of
         ``logits / temperature`` (training sees the plain logits).
     tie_break : float, default=0.0
@@ -149,8 +149,13 @@ class SphericalQuantizer(BaseQuantizer):
     batch_size : int, default=128
     learning_rate : float, default=1e-3
         Adam learning rate of the network and the classifier.
-    weight_decay : float, default=0.0
+    weight_decay : float, default=1e-2
         L2 penalty (Adam's ``weight_decay``).
+    weight_averaging : float in [0, 1], default=0.5
+        Stochastic weight averaging (Izmailov et al., 2018): the network
+        weights at the end of each of the last ``weight_averaging * max_iter``
+        epochs (rounded up) are averaged, and the average is the fitted
+        network. ``0`` keeps the weights of the last step.
     dropout : float, default=0.0
         Dropout after each hidden layer of the default MLP.
     n_icm_sweeps : int, default=3
@@ -314,7 +319,7 @@ class SphericalQuantizer(BaseQuantizer):
 
     # Pickles from before loss="posterior" were trained with the paper's
     # objective.
-    _legacy_parameter_values = {"loss": "dsq"}
+    _legacy_parameter_values = {"loss": "dsq", "weight_averaging": 0.0}
 
     _parameter_constraints = {
         **BaseQuantizer._parameter_constraints,
@@ -348,13 +353,14 @@ class SphericalQuantizer(BaseQuantizer):
         discriminative_weight=0.1,
         softmax_scale=16.0,
         loss="posterior",
-        temperature=2.0,
+        temperature=1.0,
         tie_break=0.0,
         warmup_epochs=5,
         max_iter=50,
         batch_size=128,
         learning_rate=1e-3,
-        weight_decay=0.0,
+        weight_decay=1e-2,
+        weight_averaging=0.5,
         dropout=0.0,
         n_icm_sweeps=3,
         beam_width=1,
@@ -385,6 +391,7 @@ class SphericalQuantizer(BaseQuantizer):
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
+        self.weight_averaging = weight_averaging
         self.dropout = dropout
         self.n_icm_sweeps = n_icm_sweeps
         self.beam_width = beam_width
@@ -557,6 +564,7 @@ class SphericalQuantizer(BaseQuantizer):
                 estimator_name=name,
                 verbose=self.verbose,
                 history=self.history_,
+                weight_averaging=self.weight_averaging,
                 on_epoch_begin=on_epoch_begin,
             )
             # Final codebooks for the final network.

@@ -81,6 +81,7 @@ NETWORK_PARAMETER_CONSTRAINTS = {
     "batch_size": [Interval(Integral, 2, None, closed="left")],
     "learning_rate": [Interval(Real, 0, None, closed="neither")],
     "weight_decay": [Interval(Real, 0, None, closed="left")],
+    "weight_averaging": [Interval(Real, 0, 1, closed="both")],
     "dropout": [Interval(Real, 0, 1, closed="left")],
     "device": [str, torch.device],
     "random_state": ["random_state"],
@@ -911,6 +912,7 @@ def train_epochs(
     on_epoch_begin=None,
     first_epoch=0,
     total_epochs=None,
+    weight_averaging=0.0,
 ):
     """Generic mini-batch training loop with sklearn-style logging.
 
@@ -945,6 +947,12 @@ def train_epochs(
     total_epochs : int, default=None
         Epochs of the whole fit, for the ``epoch 3/60`` and time-left parts
         of verbose lines; ``first_epoch + max_iter`` when None.
+    weight_averaging : float in [0, 1), default=0.0
+        Stochastic weight averaging (Izmailov et al., UAI 2018): the weights
+        (and buffers) at the end of each of the last
+        ``ceil(weight_averaging * max_iter)`` epochs are averaged, and the
+        average is loaded into ``module`` when training ends. ``0`` keeps the
+        weights of the last step.
 
     Returns
     -------
@@ -966,6 +974,11 @@ def train_epochs(
     last_good = _snapshot(module)
     completed = 0
     started = time.perf_counter()
+    # torch's AveragedModel keeps the running mean (use_buffers: BatchNorm
+    # statistics are averaged with the weights, so no extra pass over the
+    # data is needed to refresh them).
+    n_averaged_epochs = math.ceil(float(weight_averaging) * max_iter)
+    averaged = None
     for e in range(max_iter):
         epoch = first_epoch + e
         tic = time.perf_counter()
@@ -1012,6 +1025,10 @@ def train_epochs(
         history.append(record)
         completed += 1
         last_good = _snapshot(module)
+        if e >= max_iter - n_averaged_epochs:
+            if averaged is None:
+                averaged = torch.optim.swa_utils.AveragedModel(module, use_buffers=True)
+            averaged.update_parameters(module)
         if verbose:
             parts_txt = "".join(
                 f", {k} = {v:.6g}"
@@ -1027,5 +1044,7 @@ def train_epochs(
                 f"left ~ {format_seconds(left)}",
                 flush=True,
             )
+    if averaged is not None:
+        module.load_state_dict(averaged.module.state_dict())
     return completed
 
