@@ -25,10 +25,17 @@ from sklearn.base import (
 from sklearn.neighbors._base import KNeighborsMixin
 from sklearn.utils import gen_batches, gen_even_slices
 from sklearn.utils._param_validation import Interval
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from ._codebooks import AdditiveCodebooks, ProductCodebooks
 from ._convergence import warn_if_collapsed
+from ._dask_index import (
+    DaskIndex,
+    as_dask_rows,
+    check_dask_rows,
+    is_dask_array,
+    map_rows,
+)
 from ._index import QuantizedIndex, rows_per_chunk
 from ._persistence import _VersionedPickleMixin
 from ._progress import Progress
@@ -80,6 +87,40 @@ def _check_float32_range(X):
                 "Rescale X, e.g. with sklearn.preprocessing.StandardScaler."
             )
     return X
+
+
+# Work on the chunks of a dask array, run by the workers: the estimator they
+# receive (``model``) is a copy without its database (see _worker_model).
+def _validate_chunk(X):
+    """The input check of ``_validate_X``, on one chunk (features are
+    checked once, on the client)."""
+    X = check_array(X, dtype=[np.float64, np.float32], accept_sparse=["csr", "csc", "coo"])
+    if sp.issparse(X):
+        X = X.tocsr()
+        _check_float32_range(X.data)
+        return X
+    return _check_float32_range(X)
+
+
+def _encode_chunk(X, model):
+    return model._encode_rows(_validate_chunk(X))[0]
+
+
+def _encode_cells_chunk(X, model):
+    """Residual codes and their cells side by side: (n, n_codebooks + 1) int32."""
+    codes, cells = model._encode_rows(_validate_chunk(X))
+    out = np.empty((len(cells), codes.shape[1] + 1), dtype=np.int32)
+    out[:, :-1] = codes
+    out[:, -1] = cells
+    return out
+
+
+def _transform_chunk(X, model):
+    return np.asarray(model._embed(_validate_chunk(X)), dtype=np.float32)
+
+
+def _labels_chunk(y):
+    return _check_labels(y, y.shape[0])
 
 
 class BaseQuantizer(
@@ -150,6 +191,12 @@ class BaseQuantizer(
         self : object
             Fitted estimator.
         """
+        if is_dask_array(X) or is_dask_array(y):
+            raise TypeError(
+                "fit() learns the model in this process and does not take dask "
+                "arrays: fit on an in-memory sample (e.g. X[:n].compute()), then "
+                "index(X) the dask array, which encodes it on the workers."
+            )
         X, y = self._validate_input(X, y, reset=True)
         fitted = self._fit(X, y)
         # Only an array means residual codes (some _fit return self).
@@ -182,10 +229,15 @@ class BaseQuantizer(
 
         Parameters
         ----------
-        X : {array-like, sparse matrix} of shape (n_samples, n_features)
-            Items to index.
+        X : {array-like, sparse matrix, dask array} of shape (n_samples, n_features)
+            Items to index. A dask array (rows in chunks) is encoded on the
+            workers, one task per chunk, and its codes stay there:
+            ``codes_`` and ``database_labels_`` become persisted dask arrays
+            and searches run chunk by chunk (see the user guide, "A database
+            on a dask cluster"); an in-memory ``X`` brings the database back.
         y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
-            Their labels, used by :meth:`score`.
+            Their labels, used by :meth:`score` (a dask array, or an array,
+            with a dask ``X``).
 
         Returns
         -------
@@ -207,9 +259,17 @@ class BaseQuantizer(
         cells learned by :meth:`fit`, which are never retrained here.
         """
         check_is_fitted(self)
-        X, y = self._validate_input(X, y, reset=False)
-        codes, cells = self._encode_rows(X)
-        self.index_.replace(codes, y, cells=cells)
+        if is_dask_array(X) or is_dask_array(y):
+            codes, y, cells = self._dask_database(X, y)
+            self.index_ = DaskIndex.like(self.index_, codes, y, cells)
+        else:
+            X, y = self._validate_input(X, y, reset=False)
+            codes, cells = self._encode_rows(X)
+            if isinstance(self.index_, DaskIndex):
+                # Back to memory, with the same coarse quantizer.
+                self.index_ = QuantizedIndex.like(self.index_, codes, y, cells)
+            else:
+                self.index_.replace(codes, y, cells=cells)
         n_lists = getattr(self, "n_lists", None)
         if self.index_.by_residual:
             return self
@@ -267,8 +327,11 @@ class BaseQuantizer(
 
         Parameters
         ----------
-        X : {array-like, sparse matrix} of shape (n_samples, n_features)
-            Items to append; their indices follow the existing ones.
+        X : {array-like, sparse matrix, dask array} of shape (n_samples, n_features)
+            Items to append; their indices follow the existing ones. A dask
+            array moves the database to the cluster (the indexed items become
+            its first chunks); an in-memory ``X`` added to a dask-backed
+            database becomes a new chunk on the cluster.
         y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
             Their labels; required when the index holds labels, and refused
             when it holds none.
@@ -279,7 +342,11 @@ class BaseQuantizer(
             The estimator, with the new items indexed.
         """
         check_is_fitted(self)
-        X, y = self._validate_input(X, y, reset=False)
+        if is_dask_array(X) or is_dask_array(y):
+            codes, y, cells = self._dask_database(X, y)
+        else:
+            X, y = self._validate_input(X, y, reset=False)
+            codes = None
         has_labels = self.database_labels_ is not None
         if has_labels != (y is not None):
             raise ValueError(
@@ -295,7 +362,12 @@ class BaseQuantizer(
                 f"y of shape {y.shape} does not match the indexed labels of "
                 f"shape {self.database_labels_.shape}."
             )
-        codes, cells = self._encode_rows(X)
+        if codes is None:
+            codes, cells = self._encode_rows(X)
+        elif not isinstance(self.index_, DaskIndex):
+            # The database moves to the cluster: the items already indexed
+            # become its first chunks.
+            self.index_ = DaskIndex.from_index(self.index_, max(codes.chunks[0]))
         self.index_.add(codes, y, cells=cells)
         return self
 
@@ -330,6 +402,67 @@ class BaseQuantizer(
                 return X, None
         return X, _check_labels(y, X.shape[0])
 
+    def _worker_model(self):
+        """This estimator without its database (and silent): what the tasks on
+        dask workers receive, once per graph."""
+        model = object.__new__(type(self))
+        model.__dict__.update(
+            (key, value) for key, value in self.__dict__.items() if key != "index_"
+        )
+        # An empty in-memory index: what _encode_rows needs of it (the coarse
+        # centroids of residual codes).
+        index = self.index_
+        empty = np.empty((0, self.quantizer_.n_codebooks), dtype=self.quantizer_.code_dtype)
+        model.index_ = QuantizedIndex.like(
+            index, empty, cells=np.empty(0, np.int32) if index.by_residual else None
+        )
+        if "verbose" in model.__dict__:
+            model.verbose = 0
+        return model
+
+    def _dask_codes(self, X):
+        """Lazy ``(codes, cells)`` of a checked dask ``X``, encoded on the
+        workers (cells None unless the codes are residual). Residual codes and
+        their cells come out of one task per chunk, side by side; persisting
+        both together (as the index does) computes it once."""
+        quantizer = self.quantizer_
+        n_codebooks = quantizer.n_codebooks
+        if not self.index_.by_residual:
+            codes = map_rows(_encode_chunk, X, self._worker_model(),
+                             dtype=quantizer.code_dtype, n_columns=n_codebooks)
+            return codes, None
+        both = map_rows(_encode_cells_chunk, X, self._worker_model(), dtype=np.int32,
+                        n_columns=n_codebooks + 1)
+        return both[:, :n_codebooks].astype(quantizer.code_dtype), both[:, n_codebooks]
+
+    def _dask_database(self, X, y):
+        """Lazy codes, labels and cells (None unless residual codes) of a
+        dask ``X`` (and ``y``): the checks that need no data run here, the
+        others on the workers, chunk by chunk."""
+        if not is_dask_array(X):
+            raise TypeError(
+                "y is a dask array but X is not: pass X as a dask array too, or "
+                "both in memory."
+            )
+        X = check_dask_rows(X, self.n_features_in_)
+        codes, cells = self._dask_codes(X)
+        if y is None:
+            return codes, None, cells
+        if not is_dask_array(y):
+            y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim not in (1, 2):
+            raise ValueError(f"y must be 1-D labels or a 2-D indicator, got shape {y.shape}.")
+        if y.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"y has {y.shape[0]} samples but X has {X.shape[0]}: they must match."
+            )
+        y = as_dask_rows(y, X.chunks[0])
+        dtype = np.dtype(np.int8) if y.ndim == 2 else y.dtype
+        y = y.map_blocks(_labels_chunk, dtype=dtype, meta=np.empty((0,) * y.ndim, dtype=dtype))
+        return codes, y, cells
+
     def _set_index(self, codes, y):
         """A new index of ``codes`` (and labels ``y``) over ``quantizer_``."""
         self.index_ = QuantizedIndex(self.quantizer_, codes, y)
@@ -353,6 +486,13 @@ class BaseQuantizer(
     def codes_(self, codes):
         # Replacing the codes keeps the labels and the coarse quantizer; the
         # cells are rebuilt from the new codes.
+        if is_dask_array(codes) != isinstance(self.index_, DaskIndex):
+            where = "on a dask cluster" if isinstance(self.index_, DaskIndex) else "in memory"
+            raise TypeError(
+                f"The database is {where}, so codes_ takes "
+                f"{'a dask array' if where != 'in memory' else 'an in-memory array'}; "
+                f"got {type(codes).__name__}. Use index() or add() to move it."
+            )
         self.index_.replace(codes, self.index_.labels)
 
     @property
@@ -386,15 +526,21 @@ class BaseQuantizer(
 
         Parameters
         ----------
-        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+        X : {array-like, sparse matrix, dask array} of shape (n_samples, n_features)
             Input data.
 
         Returns
         -------
         Z : ndarray of shape (n_samples, embedding_dim), float32
             The learned embedding (the input itself for :class:`ProductQuantizer`).
+            A dask array when ``X`` is one: computed lazily, chunk by chunk,
+            on the workers.
         """
         check_is_fitted(self)
+        if is_dask_array(X):
+            return map_rows(_transform_chunk, check_dask_rows(X, self.n_features_in_),
+                            self._worker_model(), dtype=np.float32,
+                            n_columns=self.quantizer_.dim)
         X = self._validate_X(X)
         return np.asarray(self._embed(X), dtype=np.float32)
 
@@ -409,7 +555,7 @@ class BaseQuantizer(
 
         Parameters
         ----------
-        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+        X : {array-like, sparse matrix, dask array} of shape (n_samples, n_features)
             Input data.
         return_cells : bool, default=False
             Also return the cell of each row (residual codes; ``None``
@@ -418,13 +564,18 @@ class BaseQuantizer(
         Returns
         -------
         codes : ndarray of shape (n_samples, n_codebooks)
-            uint8 when ``n_codewords <= 256``, else uint16.
+            uint8 when ``n_codewords <= 256``, else uint16. A dask array when
+            ``X`` is one: computed lazily, chunk by chunk, on the workers.
         cells : ndarray of shape (n_samples,) or None
-            Only when ``return_cells=True``.
+            Only when ``return_cells=True`` (a dask array, or None, for a
+            dask ``X``).
         """
         check_is_fitted(self)
-        X = self._validate_X(X)
-        codes, cells = self._encode_rows(X)
+        if is_dask_array(X):
+            codes, cells = self._dask_codes(check_dask_rows(X, self.n_features_in_))
+        else:
+            X = self._validate_X(X)
+            codes, cells = self._encode_rows(X)
         return (codes, cells) if return_cells else codes
 
     def decode(self, codes, cells=None):
@@ -572,6 +723,7 @@ class BaseQuantizer(
         n_chunks = -(-n_queries // rows_per_chunk(row_bytes))
         for batch in gen_even_slices(n_queries, n_chunks):
             if query_is_train:
+                # (A dask index fetches the batch's codes and cells.)
                 Z = index.reconstruct(batch)
             else:
                 Z = self._embed(X[batch])
@@ -667,6 +819,11 @@ class BaseQuantizer(
         from ._faiss import to_faiss
 
         check_is_fitted(self)
+        if isinstance(self.index_, DaskIndex):
+            # faiss holds its codes in this process: gather them (size-checked).
+            estimator = self._worker_model()
+            estimator.index_ = self.index_.gather("to_faiss()")
+            return to_faiss(estimator)
         return to_faiss(self)
 
     def __setstate__(self, state):

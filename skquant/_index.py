@@ -28,7 +28,7 @@ from sklearn.utils import check_random_state, gen_batches
 from ._ivf import InvertedLists, assign_lists, coarse_scores, ivf_search
 from ._search import CodeLayout, aqd_search
 
-__all__ = ["RESIDUAL_POINTS_PER_LIST", "QuantizedIndex", "residuals",
+__all__ = ["RESIDUAL_POINTS_PER_LIST", "QuantizedIndex", "item_bias", "residuals",
            "train_coarse_quantizer"]
 
 # Training points per cell: faiss warns below 39 and samples at most 256; the
@@ -110,6 +110,24 @@ def residuals(X, centroids, metric="euclidean"):
     return out
 
 
+def item_bias(terms, codes, cells):
+    """Query-independent part of each item's squared distance with residual
+    codes: ``||r||^2 + 2 <c, r>`` (float32), from the per-cell tables
+    ``terms`` ``(n_lists, M, K)`` of the codebooks (``residual_terms``,
+    faiss's "precomputed tables"). An item's value depends on its own code
+    and cell only (summed over ``m`` in order, in float64)."""
+    n_lists, n_subspaces, n_codewords = terms.shape
+    flat = terms.reshape(-1)
+    bias = np.empty(len(codes), dtype=np.float32)
+    for batch in gen_batches(len(codes), 2**18):
+        base = cells[batch].astype(np.intp) * (n_subspaces * n_codewords)
+        acc = np.zeros(len(base), dtype=np.float64)
+        for m in range(n_subspaces):
+            acc += flat[base + (m * n_codewords + codes[batch, m].astype(np.intp))]
+        bias[batch] = acc
+    return bias
+
+
 def rows_per_chunk(row_bytes):
     """Rows that fit in ``working_memory`` (at least 1)."""
     working_memory = get_config()["working_memory"]
@@ -169,21 +187,36 @@ class QuantizedIndex:
         self.by_residual = bool(by_residual)
         self._coarse_norms = None  # (centroids, their squared norms), cached
         self._lock = threading.Lock()
-        self._set_codes(codes, labels)
         self._coarse_centroids = coarse_centroids
-        self._cells = None if cells is None else np.asarray(cells, dtype=np.int32)
+        cells = self._as_cells(cells)
         if self.by_residual:
-            self._check_cells(self.codes, self._cells)
+            self._check_cells(codes, cells)
+        self._set_codes(codes, labels, cells)
         # Items the coarse quantizer was last trained on (None: unknown, e.g.
         # centroids set directly or read from an old pickle); the estimators
         # retrain the cells when the database grows far past it.
         self.n_items_trained = None
 
-    def _set_codes(self, codes, labels):
+    @classmethod
+    def like(cls, index, codes, labels=None, cells=None):
+        """An index of ``codes`` (and their ``cells``, for residual codes)
+        with the codebooks, coarse quantizer and kind of codes of ``index``."""
+        new = cls(index.quantizer, codes, labels, coarse_centroids=index.coarse_centroids,
+                  cells=cells, by_residual=index.by_residual)
+        new.n_items_trained = index.n_items_trained
+        return new
+
+    def _set_codes(self, codes, labels, cells):
+        """Store the items (and the cells known for them); drop the layouts."""
         self.codes = np.asfortranarray(codes)
         self.labels = labels
+        self._cells = cells
         self._layout = None
         self._lists = None
+
+    @staticmethod
+    def _as_cells(cells):
+        return None if cells is None else np.asarray(cells, dtype=np.int32)
 
     @property
     def n_items(self):
@@ -296,13 +329,12 @@ class QuantizedIndex:
         required with residual codes and ignored otherwise.
         """
         if self.by_residual:
-            cells = np.asarray(cells, dtype=np.int32) if cells is not None else None
+            cells = self._as_cells(cells)
             self._check_cells(codes, cells)
         else:
             cells = None
         with self._lock:
-            self._set_codes(codes, labels)
-            self._cells = cells
+            self._set_codes(codes, labels, cells)
         return self
 
     def add(self, codes, labels=None, cells=None):
@@ -314,7 +346,7 @@ class QuantizedIndex:
         kept.
         """
         if self.by_residual:
-            cells = np.asarray(cells, dtype=np.int32) if cells is not None else None
+            cells = self._as_cells(cells)
             self._check_cells(codes, cells)
         codes = np.concatenate([self.codes, codes])
         if labels is not None:
@@ -323,8 +355,7 @@ class QuantizedIndex:
             known = self._lists.assignments if self._lists is not None else self._cells
             if self.by_residual:
                 known = np.concatenate([known, cells])
-            self._set_codes(codes, labels)
-            self._cells = known
+            self._set_codes(codes, labels, known)
         return self
 
     # ------------------------------------------------------------------ inverted file
@@ -360,11 +391,16 @@ class QuantizedIndex:
         if n_items > max_points:
             sample = np.sort(rng.choice(n_items, max_points, replace=False))
         self.coarse_centroids = train_coarse_quantizer(
-            self.quantizer.decode(self.codes[sample]), n_lists,
+            self.quantizer.decode(self._gather_rows(sample)), n_lists,
             metric=self.quantizer.metric, random_state=seed,
         )
         self.n_items_trained = n_items
         return self
+
+    def _gather_rows(self, rows):
+        """The code rows ``rows`` as an in-memory array (a subclass may hold
+        its codes elsewhere)."""
+        return self.codes[rows]
 
     def assign_cells(self, codes):
         """Cell of each code row: the nearest coarse centroid of its reconstruction."""
@@ -394,19 +430,9 @@ class QuantizedIndex:
 
     def _item_bias(self, cells):
         """Query-independent part of each item's squared distance with
-        residual codes: ``||r||^2 + 2 <c, r>`` (float32), from the per-cell
-        tables of the codebooks (faiss's "precomputed tables")."""
-        terms = self.quantizer.residual_terms(self._coarse_centroids)  # (L, M, K)
-        n_lists, n_subspaces, n_codewords = terms.shape
-        flat = terms.reshape(-1)
-        bias = np.empty(self.n_items, dtype=np.float32)
-        for batch in gen_batches(self.n_items, 2**18):
-            base = cells[batch].astype(np.intp) * (n_subspaces * n_codewords)
-            acc = np.zeros(len(base), dtype=np.float64)
-            for m in range(n_subspaces):
-                acc += flat[base + (m * n_codewords + self.codes[batch, m].astype(np.intp))]
-            bias[batch] = acc
-        return bias
+        residual codes (see :func:`item_bias`)."""
+        return item_bias(self.quantizer.residual_terms(self._coarse_centroids),
+                         self.codes, cells)
 
     def scan_layout(self):
         """The :class:`~skquant._search.CodeLayout` of the codes, built once."""
@@ -470,6 +496,19 @@ class QuantizedIndex:
         if n_probe is None:
             n_probe = self.n_lists
         queries = np.asarray(queries)
+        tables, scores = self._residual_tables(queries)
+        lists = self.inverted_lists()
+        _, indices = ivf_search(
+            tables, scores, lists, n_neighbors,
+            n_probe=n_probe, n_jobs=n_jobs, add_scores=True, refine=False,
+        )
+        return self._residual_distances(
+            queries, indices, lists.codes[indices.ravel()], lists.assignments[indices]
+        )
+
+    def _residual_tables(self, queries):
+        """The scan's inputs for residual codes: one table per query
+        (``-2 <q_m, C_m[k]>``) and the coarse scores."""
         tables = self.quantizer.lookup_tables(queries, metric="inner_product")
         tables *= np.float32(2.0)
         centroids = self._coarse_centroids
@@ -477,14 +516,16 @@ class QuantizedIndex:
             self._coarse_norms = (
                 centroids, np.einsum("ld,ld->l", centroids, centroids, dtype=np.float64)
             )
-        scores = coarse_scores(queries, centroids, norms=self._coarse_norms[1])
-        lists = self.inverted_lists()
-        _, indices = ivf_search(
-            tables, scores, lists, n_neighbors,
-            n_probe=n_probe, n_jobs=n_jobs, add_scores=True, refine=False,
-        )
-        recon = centroids[lists.assignments[indices]].astype(np.float64)
-        recon += self.quantizer.decode(lists.codes[indices.ravel()]).reshape(recon.shape)
+        return tables, coarse_scores(queries, centroids, norms=self._coarse_norms[1])
+
+    def _residual_distances(self, queries, indices, codes, cells):
+        """Exact distances of the selected items ``indices`` (n_queries, k),
+        re-sorted by (distance, index), from their code rows ``codes``
+        (``n_queries * k``, in the order of ``indices.ravel()``) and their
+        cells ``cells`` (n_queries, k): ``||q - (c + r)||`` in float64."""
+        centroids = self._coarse_centroids
+        recon = centroids[cells].astype(np.float64)
+        recon += self.quantizer.decode(codes).reshape(recon.shape)
         diff = np.asarray(queries, dtype=np.float64)[:, None, :] - recon
         sq = np.square(diff).sum(axis=-1)
         order = np.lexsort((indices, sq), axis=1)

@@ -403,18 +403,31 @@ def _scan_grouped(tables, cell_bias, ivf, pairs, k, n_jobs):
             results.append((out_q, out_v, out_i))
             for queries, kth in out_kth:
                 thresholds[queries] = kth
-    qs = np.concatenate([a for out_q, _, _ in results for a in out_q])
-    vs = np.concatenate([a for _, out_v, _ in results for a in out_v])
-    ids = np.concatenate([a for _, _, out_i in results for a in out_i]).astype(np.intp)
+    # (No candidate at all only in a chunk of a database: ``cell_sizes``.)
+    qs = np.concatenate([a for out_q, _, _ in results for a in out_q] or [[]])
+    vs = np.concatenate([a for _, out_v, _ in results for a in out_v] or [[]])
+    ids = np.concatenate([a for _, _, out_i in results for a in out_i] or [[]])
+    qs, vs = qs.astype(np.intp, copy=False), vs.astype(np.float32, copy=False)
+    ids = ids.astype(np.intp)
     return _topk_by_query(qs, vs, ids, n_queries, k)
 
 
 def _topk_by_query(qs, vs, ids, n_queries, k):
-    """The ``k`` best candidates of each query by ``(value, index)``."""
+    """The ``k`` best candidates of each query by ``(value, index)``, padded
+    with ``(inf, max intp)`` for a query with fewer (only in one chunk of a
+    database, see ``ivf_search(cell_sizes=...)``)."""
     order = np.lexsort((ids, vs, qs))
     counts = np.bincount(qs, minlength=n_queries)
     starts = np.cumsum(counts) - counts
-    keep = order[starts[:, None] + np.arange(k)]
+    slots = starts[:, None] + np.arange(k)
+    if (counts >= k).all():
+        keep = order[slots]
+        return vs[keep], ids[keep]
+    # Past a query's candidates: a sentinel entry appended at the end.
+    vs = np.append(vs, np.float32(np.inf))
+    ids = np.append(ids, np.iinfo(np.intp).max)
+    order = np.append(order, len(vs) - 1)
+    keep = order[np.where(np.arange(k) < counts[:, None], slots, len(order) - 1)]
     return vs[keep], ids[keep]
 
 
@@ -491,7 +504,7 @@ def _scan_queries(tables, cell_bias, ivf, probes, queries, k, budget):
 
 
 def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
-               add_scores=False, refine=True):
+               add_scores=False, refine=True, cell_sizes=None):
     """Non-exhaustive AQD search over the best ``n_probe`` cells of each query.
 
     Parameters
@@ -515,6 +528,13 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
     refine : bool, default=True
         Recompute the winners' table sums in float64 (direct codes only);
         with False the float32 values of the scan are returned.
+    cell_sizes : ndarray of shape (n_lists,), default=None
+        Items per cell of the whole database when ``ivf`` holds one chunk of
+        it (see :mod:`skquant._dask_index`): the probes are chosen from these,
+        so that every chunk scans the cells the whole database would, and a
+        query whose probed cells hold fewer than ``n_neighbors`` items of the
+        chunk gets its candidates padded with ``(inf, max intp)`` (use with
+        ``refine=False``). None: ``ivf.sizes``.
 
     Returns
     -------
@@ -537,7 +557,8 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
     """
     tables = np.asarray(tables, dtype=np.float32)
     n_queries, n_subspaces, n_codewords = tables.shape
-    n_items = len(ivf.order)
+    sizes = ivf.sizes if cell_sizes is None else np.asarray(cell_sizes)
+    n_items = int(sizes.sum())
     if not 1 <= n_neighbors <= n_items:
         raise ValueError(
             f"Expected 1 <= n_neighbors <= n_items, got n_neighbors={n_neighbors} "
@@ -546,7 +567,7 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
     if add_scores and ivf.item_bias is None:
         raise ValueError("add_scores=True needs inverted lists with an item_bias.")
     cell_bias = np.asarray(scores, dtype=np.float32) if add_scores else None
-    pairs = _select_probes(scores, ivf.sizes, n_probe, n_neighbors)
+    pairs = _select_probes(scores, sizes, n_probe, n_neighbors)
     n_scanned = int(ivf.sizes[pairs[1]].sum())
     n_jobs = max(1, min(effective_n_jobs(n_jobs), n_scanned // _search._MIN_SHARD_WORK))
     if n_queries >= _GROUPED_MIN_QUERIES:

@@ -103,9 +103,12 @@ class ProductQuantizer(BaseQuantizer):
         ``codes_``, ``database_labels_``, ``n_samples_fit_`` and
         ``coarse_centroids_`` read through to it.
     codes_ : ndarray of shape (n_samples_fit, n_codebooks)
-        Codes of the indexed database (uint8 when ``n_codewords <= 256``).
+        Codes of the indexed database (uint8 when ``n_codewords <= 256``); a
+        persisted dask array, chunks on the workers, after indexing a dask
+        array.
     database_labels_ : ndarray or None
-        Labels of the indexed items (for :meth:`score`).
+        Labels of the indexed items (for :meth:`score`); a persisted dask
+        array after indexing a dask array.
     n_samples_fit_ : int
         Number of indexed items.
     n_iter_ : int

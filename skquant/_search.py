@@ -595,7 +595,8 @@ def _choose_kernel(n_queries, n_codewords, kernel):
     return "torch" if _torch_embedding_bag() is not None else "numpy"
 
 
-def aqd_search(tables, codes, n_neighbors, *, n_jobs=None, layout=None, kernel="auto"):
+def aqd_search(tables, codes, n_neighbors, *, n_jobs=None, layout=None, kernel="auto",
+               refine=True):
     """Exhaustive AQD search: the ``n_neighbors`` smallest table sums per query.
 
     Parameters
@@ -619,6 +620,12 @@ def aqd_search(tables, codes, n_neighbors, *, n_jobs=None, layout=None, kernel="
     kernel : {"auto", "pairs", "columns", "numpy", "torch"}, default="auto"
         Scan kernel; "auto" picks by batch size (benchmarks and tests force
         the others). "pairs" needs ``n_codewords <= 256``.
+    refine : bool, default=True
+        False returns the kernel's candidates as they were selected: the
+        ``n_neighbors`` best by (float32 sum, index), with those float32
+        sums, in no particular order. A database split in chunks (see
+        :mod:`skquant._dask_index`) merges such lists by the same key and
+        refines the winners once, which gives exactly this function's result.
 
     Returns
     -------
@@ -699,6 +706,13 @@ def aqd_search(tables, codes, n_neighbors, *, n_jobs=None, layout=None, kernel="
     else:
         raise ValueError(f"Unknown kernel {kernel!r}.")
 
+    if not refine:
+        if len(results) == 1:
+            return results[0]
+        values = np.hstack([v for v, _ in results])
+        indices = np.hstack([i + s.start for (_, i), s in zip(results, shards, strict=True)])
+        order = np.lexsort((indices, values), axis=1)[:, :n_neighbors]
+        return np.take_along_axis(values, order, 1), np.take_along_axis(indices, order, 1)
     if len(results) == 1:
         indices = results[0][1]
     else:
