@@ -347,9 +347,12 @@ def test_to_faiss_of_a_dask_index_gathers(client, digits):
     faiss = pytest.importorskip("faiss")
     X, y, X_db, *_ = digits
     pq = FACTORIES["PQ"]().fit(X, y).index(X_db)
-    in_memory = faiss.downcast_index(pq.to_faiss())
+    # to_faiss returns the concrete index; a downcast_index proxy of a
+    # temporary would not own it and read freed memory once it is collected.
+    in_memory = pq.to_faiss()
     pq.index(da.from_array(X_db, chunks=(CHUNKS, -1)))
-    index = faiss.downcast_index(pq.to_faiss())
+    index = pq.to_faiss()
+    assert isinstance(index, faiss.IndexPQ)
     assert index.ntotal == len(X_db)
     assert_array_equal(faiss.vector_to_array(index.codes),
                        faiss.vector_to_array(in_memory.codes))
