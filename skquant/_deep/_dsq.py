@@ -234,8 +234,10 @@ class SphericalQuantizer(BaseQuantizer):
     **Defaults that depart from the paper**, with the reason and the
     measured gain (chosen on a validation split of the 5,000 training images
     of ``benchmarks/bench_quality.py``'s Fashion-MNIST protocol: 350 images
-    per class to fit, 50 queries and 100 database items per class; "test"
-    is that benchmark: 1,000 queries, 69,000 database items, 32 bits):
+    per class to fit, 50 queries and 100 database items per class;
+    ``benchmarks/validate_defaults.py``, seeds 0-2, gives the three-split
+    numbers;
+    "test" is that benchmark: 1,000 queries, 69,000 database items, 32 bits):
 
     - ``loss="posterior"``: the embedding is the network's class posterior
       (softmax of a linear classifier at ``temperature``, in a fixed
