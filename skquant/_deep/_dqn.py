@@ -304,8 +304,9 @@ class DeepQuantizer(BaseQuantizer):
     gain. Defaults were chosen on a validation split of the 5,000 training
     images of ``benchmarks/bench_quality.py``'s Fashion-MNIST protocol (350
     images per class to fit, 50 queries and 100 database items per class),
-    never on the queries (``benchmarks/validate_defaults.py``: seeds 0-2
-    give the three-split numbers below, seed 0 the single-split ones);
+    never on the queries (``benchmarks/validate_defaults.py`` gives the
+    three-split numbers below; the single-split ones came from an earlier
+    script of the same protocol);
     "test" numbers are that
     benchmark's (1,000 queries, 69,000 database items, 32 bits, seed 0):
 
