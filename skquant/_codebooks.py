@@ -36,6 +36,7 @@ from ._product import (
     decode_product,
     encode_product,
     euclidean_tables,
+    subspace_dots,
 )
 from ._product import inner_product_tables as product_inner_product_tables
 
@@ -156,13 +157,8 @@ class ProductCodebooks(_Codebooks):
         ``T[c, m, k] = ||C_m[k]||^2 + 2 <(c R)_m, C_m[k]>`` (``R`` the
         rotation, if any): faiss's "precomputed tables" of ``IndexIVFPQ``.
         """
-        n_subspaces, _, subspace_dim = self.codebooks.shape
         c = self._rotate(np.asarray(centroids, dtype=np.float64))
-        c = np.asarray(c, dtype=np.float64).reshape(len(c), n_subspaces, subspace_dim)
-        cb = self.codebooks.astype(np.float64)
-        # Contiguous stacks: one gemm per sub-space.
-        terms = np.matmul(np.ascontiguousarray(c.transpose(1, 0, 2)),
-                          np.ascontiguousarray(cb.transpose(0, 2, 1)))  # (M, L, K)
+        _, cb, terms = subspace_dots(c, self.codebooks)  # (M, L, K), float64
         terms *= 2.0
         terms += np.einsum("mkd,mkd->mk", cb, cb)[:, None, :]
         return np.ascontiguousarray(terms.transpose(1, 0, 2))

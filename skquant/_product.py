@@ -31,6 +31,7 @@ __all__ = [
     "fit_opq",
     "fit_subspace_codebooks",
     "inner_product_tables",
+    "subspace_dots",
 ]
 
 # Rows of Z encoded at once: bounds the (rows, K) distance block per sub-space.
@@ -187,6 +188,21 @@ def fit_opq(Z, n_subspaces, n_codewords, *, n_iter=10, max_iter=100, random_stat
     return rotation.astype(np.float32), codebooks
 
 
+def subspace_dots(queries, codebooks):
+    """float64 ``<q_m, c_mk>`` of every row block with every codeword.
+
+    Returns the query blocks ``q`` (M, n, ds), the codebooks ``c`` (M, K, ds),
+    both float64, and the products (M, n, K). The operands are contiguous
+    stacks, so that matmul runs one BLAS gemm per sub-space (on strided
+    operands it falls back to a loop, 2-10x slower for batches).
+    """
+    n_subspaces, _, subspace_dim = codebooks.shape
+    q = np.asarray(queries, dtype=np.float64).reshape(-1, n_subspaces, subspace_dim)
+    q = np.ascontiguousarray(q.transpose(1, 0, 2))
+    c = np.asarray(codebooks, dtype=np.float64)
+    return q, c, np.matmul(q, np.ascontiguousarray(c.transpose(0, 2, 1)))
+
+
 def euclidean_tables(queries, codebooks):
     """Squared Euclidean lookup tables for product (block) codebooks.
 
@@ -202,15 +218,9 @@ def euclidean_tables(queries, codebooks):
     tables : ndarray of shape (n_queries, n_subspaces, n_codewords), float32
         ``tables[q, m, k] = ||queries[q, m-th block] - codebooks[m, k]||^2``.
     """
-    n_subspaces, _, subspace_dim = codebooks.shape
     # float64 for the expansion ||q||^2 - 2 q.c + ||c||^2, which cancels badly in
     # float32 when q is close to a codeword; the tables are cast down afterwards.
-    q = np.asarray(queries, dtype=np.float64).reshape(-1, n_subspaces, subspace_dim)
-    # Contiguous stacks, so that matmul runs one BLAS gemm per sub-space
-    # (strided operands fall back to a loop about twice as slow).
-    q = np.ascontiguousarray(q.transpose(1, 0, 2))  # (M, n, ds)
-    c = codebooks.astype(np.float64, copy=False)
-    tables = np.matmul(q, np.ascontiguousarray(c.transpose(0, 2, 1)))  # (M, n, K)
+    q, c, tables = subspace_dots(queries, codebooks)  # (M, n, K)
     tables *= -2.0
     tables += np.einsum("mnd,mnd->mn", q, q)[:, :, None]
     tables += np.einsum("mkd,mkd->mk", c, c)[:, None, :]
@@ -234,14 +244,8 @@ def inner_product_tables(queries, codebooks):
         ``-<query's m-th block, codebooks[m, k]>``, so that summing the tables
         gives ``-<query, reconstruction>``.
     """
-    n_subspaces, _, subspace_dim = codebooks.shape
     # float64, rounded once at the end: a float32 GEMM rounds a query's row
     # differently depending on the other rows of the batch and on the CPU.
-    q = np.asarray(queries, dtype=np.float64)
-    # Contiguous stacks: matmul then runs one BLAS gemm per sub-space (on
-    # strided operands it falls back to a loop, ~10x slower for batches).
-    q = np.ascontiguousarray(q.reshape(len(q), n_subspaces, subspace_dim).transpose(1, 0, 2))
-    c = np.ascontiguousarray(np.asarray(codebooks, dtype=np.float64).transpose(0, 2, 1))
-    tables = np.matmul(q, c)  # (M, n, K)
+    _, _, tables = subspace_dots(queries, codebooks)  # (M, n, K)
     np.negative(tables, out=tables)
     return np.ascontiguousarray(tables.transpose(1, 0, 2), dtype=np.float32)
