@@ -28,7 +28,9 @@ import json
 import time
 
 import numpy as np
-from bench_search import _cpu_model  # benchmarks/ is on sys.path when run as a script
+# benchmarks/ is on sys.path when run as a script.
+from bench_quality import load_dataset
+from bench_search import _cpu_model
 
 
 def validation_splits(y_train, seed):
@@ -55,17 +57,15 @@ def main():
     import torch
 
     from skquant import DeepQuantizer, SphericalQuantizer
-    from skquant.datasets import load_fashion_mnist, retrieval_split
     from skquant.metrics import mean_average_precision, precision_at_k
 
     torch.set_num_threads(args.threads)
     print(f"CPU: {_cpu_model()}, torch threads: {args.threads}")
-    X, y = load_fashion_mnist(return_X_y=True)
-    X = X.astype(np.float32) / 255.0
-    _, train, _ = retrieval_split(
-        y, n_query=100, n_train=500, per_class=True, database="rest", random_state=0
-    )
-    X_train, y_train = X[train], y[train]
+    # The training images of bench_quality's protocol (its split, seed 0).
+    data = load_dataset("fashion_mnist")
+    if data is None:
+        raise SystemExit("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    X_train, y_train = data["X"][data["train"]], data["y"][data["train"]]
     estimator = {"dqn": DeepQuantizer, "dsq": SphericalQuantizer}[args.method]
     for name, params in json.loads(args.settings).items():
         rows, start = [], time.perf_counter()
