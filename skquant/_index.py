@@ -185,7 +185,7 @@ class QuantizedIndex:
             raise ValueError("by_residual=True needs coarse_centroids.")
         self.quantizer = quantizer
         self.by_residual = bool(by_residual)
-        self._coarse_norms = None  # (centroids, their squared norms), cached
+        self._coarse_norms = None  # (centroids, squared norms, float64 copy), cached
         self._lock = threading.Lock()
         self._coarse_centroids = coarse_centroids
         cells = self._as_cells(cells)
@@ -513,10 +513,14 @@ class QuantizedIndex:
         tables *= np.float32(2.0)
         centroids = self._coarse_centroids
         if self._coarse_norms is None or self._coarse_norms[0] is not centroids:
+            # Cached with the float64 copy of the centroids: converting them
+            # costs more than a one-query GEMM.
             self._coarse_norms = (
-                centroids, np.einsum("ld,ld->l", centroids, centroids, dtype=np.float64)
+                centroids, np.einsum("ld,ld->l", centroids, centroids, dtype=np.float64),
+                centroids.astype(np.float64),
             )
-        return tables, coarse_scores(queries, centroids, norms=self._coarse_norms[1])
+        _, norms, centroids64 = self._coarse_norms
+        return tables, coarse_scores(queries, centroids64, norms=norms)
 
     def _residual_distances(self, queries, indices, codes, cells):
         """Exact distances of the selected items ``indices`` (n_queries, k),

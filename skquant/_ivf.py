@@ -24,17 +24,18 @@ The scan (``benchmarks/bench_search.py --ivf`` measures it against faiss):
 
 * **Batches, cell by cell.** The (query, cell) pairs are grouped by cell, so
   each probed cell is read once for all the queries that probe it, in
-  database-major blocks of at most 64 queries (the tables of a block
-  transposed once per cell, a code's row of all the block's queries one
-  gather), as the exhaustive batch kernel does. Two passes: each query's
+  database-major blocks of at most 64 queries (a code's row of all the
+  block's queries one gather, fused with the sum by torch's
+  ``embedding_bag`` as in the exhaustive batch kernel; ``np.take`` for a
+  cell probed by one or two queries, or without torch). Two passes: each query's
   best cell first, whose ``k``-th value becomes the query's threshold, then
   the other cells, where an entry costs a compare against it instead of a
   partition. All candidates are merged at the end by ``(value, index)``.
 * **A few queries, one at a time**, over the concatenation of their cells'
   code runs (cells are contiguous per codebook, adjacent cells read as one
   run); threads split a query's cells.
-* Every path sums an item's terms in the same order (``(t0 + t1) + (t2 +
-  t3) + ...``, then the item and cell terms), so an item's float32 value
+* Every path sums an item's terms in the same order (``t0 + t1 + t2 +
+  ...`` left to right, then the item and cell terms), so an item's float32 value
   does not depend on the path, the batch or the threads; ties are broken by
   the lower *original* index, as in exhaustive search.
 """
@@ -62,10 +63,19 @@ _GROUPED_MIN_QUERIES = 8
 # (items x queries) entries of one block of the grouped scan: 2**18 float32
 # (1 MiB) accumulators stay in cache.
 _BLOCK_PAIRS = 2**18
+# Items scanned one query at a time from which a thread pays off: about
+# 10 ns per item here against ~0.5 ns per (item, query) pair in the grouped
+# scan, so ~16x fewer than the pairs of _search._MIN_SHARD_WORK.
+_MIN_ONE_QUERY_WORK = 2**12
 # Queries per block of the grouped scan: their tables, database-major
-# (M x K x 64 float32, 512 KiB at M = 8, K = 256), are built once per cell and
-# stay in cache; larger blocks cost more to transpose than they save.
+# (M x K x 64 float32, 512 KiB at M = 8, K = 256), are gathered once per cell
+# and stay in cache; larger blocks cost more to gather than they save.
 _QUERY_BLOCK = 64
+# Queries of a cell from which its sums use torch's embedding_bag: for one or
+# two queries a gathered row is one or two floats wide and np.take per
+# sub-space is faster (measured: embedding_bag ~12 ns per item for 1 query,
+# 0.8 ns per (item, query) for 16).
+_BAG_MIN_QUERIES = 3
 
 
 def coarse_scores(X, centroids, metric="euclidean", norms=None):
@@ -79,7 +89,7 @@ def coarse_scores(X, centroids, metric="euclidean", norms=None):
     # the rows that share its batch (and on the CPU), which could move an
     # item to another cell or change a query's probes near a tie.
     X = np.asarray(X, dtype=np.float64)
-    scores = X @ centroids.T.astype(np.float64)
+    scores = X @ np.asarray(centroids, dtype=np.float64).T
     if metric == "inner_product":
         return np.negative(scores, out=scores)
     scores *= -2.0
@@ -190,6 +200,7 @@ class InvertedLists:
         self.order = np.argsort(assignments, kind="stable").astype(index_dtype)
         counts = np.bincount(assignments, minlength=n_lists)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._sizes = counts.astype(np.int64)
         self._stored = None
 
     @property
@@ -198,7 +209,8 @@ class InvertedLists:
 
     @property
     def sizes(self):
-        return np.diff(self.offsets)
+        """Items per cell, (n_lists,) int64."""
+        return self._sizes
 
     @property
     def stored(self):
@@ -255,84 +267,127 @@ def _select_probes(scores, sizes, n_probe, k):
     return np.repeat(np.arange(n_queries), lengths), np.concatenate(lists), best
 
 
-def _cell_sums(block, bias, cell_bias, codes_t, a, b):
-    """Table sums of stored items ``a:b`` (of one cell) for a block of
-    queries: an (items, queries) float32 array, summed in the fixed order
-    ``t_0 + t_1 + ... + t_{M-1} + item bias + cell bias`` that the one-query
-    scan uses too (so both give bitwise the same float32 values).
+def _sum_in_order(term, n_subspaces):
+    """``t_0 + t_1 + ... + t_{M-1}``, left to right, ``term(m, out=None)``
+    giving the float32 terms of sub-space ``m``.
 
-    ``block`` holds the queries' tables database-major, (M, K, queries): a
-    code's row of every query is one contiguous gather.
-    """
-    def term(m, out=None):
-        return np.take(block[m], codes_t[m, a:b], axis=0, out=out, mode="clip")
-
-    acc = _sum_in_pairs(term, block.shape[0])
-    if bias is not None:
-        acc += bias[a:b, None]
-        acc += cell_bias[None, :]
-    return acc
-
-
-def _sum_in_pairs(term, n_subspaces):
-    """``((t_0 + t_1) + (t_2 + t_3)) + ...`` (then ``+ t_{M-1}`` for odd M),
-    ``term(m, out=None)`` giving the float32 terms of sub-space ``m``.
-
-    The one order every scan sums in, so that the float32 value of an item
-    does not depend on the path (batch or one query), and pair tables
-    (whose entries are exactly ``t_{2j} + t_{2j+1}`` in float32) could serve
-    any path.
+    The one order every scan sums in (it is the order of
+    :func:`torch.nn.functional.embedding_bag`'s sum, which the batch scan
+    uses), so that the float32 value of an item does not depend on the path
+    (batch or one query, torch or numpy).
     """
     acc = term(0)
-    if n_subspaces == 1:
-        return acc
-    tmp = np.empty_like(acc)
-    acc += term(1, tmp)
-    tmp2 = np.empty_like(acc)
-    for j in range(1, n_subspaces // 2):
-        term(2 * j, tmp)
-        tmp += term(2 * j + 1, tmp2)
-        acc += tmp
-    if n_subspaces % 2:
-        acc += term(n_subspaces - 1, tmp)
+    if n_subspaces > 1:
+        tmp = np.empty_like(acc)
+        for m in range(1, n_subspaces):
+            acc += term(m, tmp)
     return acc
 
 
-def _scan_groups(tables, cell_bias, ivf, groups, k, thresholds):
+class _CellSums:
+    """Table sums of a range of stored items for a group of queries: an
+    (items, queries) float32 array ``t_0 + ... + t_{M-1} (+ item bias + cell
+    bias)``, in the order of :func:`_sum_in_order`.
+
+    Groups of at least ``_BAG_MIN_QUERIES`` queries use torch's
+    ``embedding_bag`` (one fused gather-and-sum over the codes' rows of the
+    queries' tables, as the exhaustive batch kernel does); smaller groups,
+    where a row is only a float or two wide, use one ``np.take`` per
+    sub-space. The index array of a range (codes offset by ``m * K``) is
+    built once and serves every block of queries of the range.
+    """
+
+    def __init__(self, tables, ivf, cell_bias):
+        n_queries, n_subspaces, n_codewords = tables.shape
+        self.tables = tables
+        self.flat_tables = tables.reshape(n_queries, n_subspaces * n_codewords)
+        self.codes_t, self.bias = ivf.stored
+        self.cell_bias = cell_bias
+        self.offsets = (np.arange(n_subspaces, dtype=np.int32) * n_codewords)[None, :]
+        self.embedding_bag = _search._torch_embedding_bag()
+        self._range = None
+        self._index = None
+        self._block = None
+
+    def _index_of(self, a, b):
+        if self._range != (a, b):
+            import torch
+
+            index = np.add(self.codes_t[:, a:b].T, self.offsets, dtype=np.int32)
+            # 1-D indices and explicit bag offsets: embedding_bag's 2-D form
+            # reshapes and builds the offsets on every call (half its cost on
+            # a cell of a thousand items).
+            n_subspaces = index.shape[1]
+            bags = torch.arange(0, index.size, n_subspaces, dtype=torch.int32)
+            self._range = (a, b)
+            self._index = (torch.from_numpy(index.reshape(-1)), bags)
+        return self._index
+
+    def _block_tables(self, queries):
+        """The queries' tables database-major, (M * K, queries) C-contiguous:
+        a code's row of all the queries is one contiguous gather. (Rows
+        gathered, then transposed: 5x faster than gathering columns.)"""
+        if self._block is None or self._block[0] is not queries:
+            self._block = (queries, np.ascontiguousarray(self.flat_tables[queries].T))
+        return self._block[1]
+
+    def __call__(self, queries, cell, a, b):
+        n_subspaces, n_codewords = self.tables.shape[1:]
+        codes_t = self.codes_t
+        if self.embedding_bag is not None and len(queries) >= _BAG_MIN_QUERIES:
+            import torch
+
+            index, bags = self._index_of(a, b)
+            acc = self.embedding_bag(
+                index, torch.from_numpy(self._block_tables(queries)), bags, mode="sum"
+            ).numpy()
+        elif len(queries) == 1:
+            table = self.tables[queries[0]]
+            acc = _sum_in_order(
+                lambda m, out=None: np.take(table[m], codes_t[m, a:b], out=out, mode="clip"),
+                n_subspaces,
+            )[:, None]
+        else:
+            block = self._block_tables(queries).reshape(n_subspaces, n_codewords, len(queries))
+            acc = _sum_in_order(
+                lambda m, out=None: np.take(block[m], codes_t[m, a:b], axis=0, out=out,
+                                            mode="clip"),
+                n_subspaces,
+            )
+        if self.bias is not None:
+            acc += self.bias[a:b, None]
+            acc += self.cell_bias[queries, cell][None, :]
+        return acc
+
+
+def _scan_groups(cell_sums, ivf, groups, k, thresholds):
     """Scan cells for the queries that probe them.
 
-    ``groups`` is a list of ``(cell, queries)``; ``cell_bias`` is
-    ``(n_queries, n_lists)`` float32 or None. With ``thresholds`` None (first
-    pass), each query keeps the ``k`` best items of its cell and their ties
-    and the ``k``-th value is returned as its threshold; otherwise items at or
-    below the query's threshold are kept. Returns ``(queries, values,
-    indices, kth)`` of the candidates (``kth`` only in the first pass).
+    ``groups`` is a list of ``(cell, queries)``; ``cell_sums`` a
+    :class:`_CellSums`. With ``thresholds`` None (first pass), each query
+    keeps the ``k`` best items of its cell and their ties and the ``k``-th
+    value is returned as its threshold; otherwise items at or below the
+    query's threshold are kept. Returns ``(queries, values, indices, kth)``
+    of the candidates (``kth`` only in the first pass).
     """
-    codes_t, bias = ivf.stored
     offsets, order = ivf.offsets, ivf.order
     out_q, out_v, out_i, out_kth = [], [], [], []
     for cell, cell_queries in groups:
         a, b = int(offsets[cell]), int(offsets[cell + 1])
-        for q0 in range(0, len(cell_queries), _QUERY_BLOCK):
-            queries = cell_queries[q0 : q0 + _QUERY_BLOCK]
-            if a == b:
-                if thresholds is None:
-                    out_kth.append((queries, np.full(len(queries), np.inf, np.float32)))
-                continue
-            # The queries' tables database-major: built once per block of
-            # queries, read for every item of the cell.
-            block = np.ascontiguousarray(tables[queries].transpose(1, 2, 0))
-            cb = None if cell_bias is None else cell_bias[queries, cell]
-            step = max(1, _BLOCK_PAIRS // len(queries))
+        if a == b:
             if thresholds is None:
-                step = b - a  # the first pass ranks a cell whole
-                limit = None
-            else:
-                limit = thresholds[queries]
-            for i0 in range(a, b, step):
-                i1 = min(i0 + step, b)
-                acc = _cell_sums(block, bias, cb, codes_t, i0, i1)
-                if limit is None:
+                out_kth.append((cell_queries, np.full(len(cell_queries), np.inf, np.float32)))
+            continue
+        blocks = [cell_queries[q0 : q0 + _QUERY_BLOCK]
+                  for q0 in range(0, len(cell_queries), _QUERY_BLOCK)]
+        # The first pass ranks a cell whole; later ones scan it in blocks
+        # of at most _BLOCK_PAIRS (item, query) entries.
+        step = b - a if thresholds is None else max(1, _BLOCK_PAIRS // len(blocks[0]))
+        for i0 in range(a, b, step):
+            i1 = min(i0 + step, b)
+            for queries in blocks:
+                acc = cell_sums(queries, cell, i0, i1)
+                if thresholds is None:
                     if i1 - i0 > k:
                         kth = np.partition(acc, k - 1, axis=0)[k - 1]
                     else:
@@ -340,7 +395,7 @@ def _scan_groups(tables, cell_bias, ivf, groups, k, thresholds):
                     out_kth.append((queries, kth))
                     hits = np.flatnonzero(acc <= kth)
                 else:
-                    hits = np.flatnonzero(acc <= limit)
+                    hits = np.flatnonzero(acc <= thresholds[queries])
                 if hits.size:
                     items, cols = np.divmod(hits, len(queries))
                     out_q.append(queries[cols])
@@ -397,7 +452,7 @@ def _scan_grouped(tables, cell_bias, ivf, pairs, k, n_jobs):
         weights = np.array([sizes[c] * len(q) for c, q in groups], dtype=np.float64)
         shards = _split_groups(groups, weights, min(n_jobs, len(groups)))
         parts = _run_shards(
-            _scan_groups, shards, lambda s: (tables, cell_bias, ivf, s, k, thr)
+            _scan_groups, shards, lambda s: (_CellSums(tables, ivf, cell_bias), ivf, s, k, thr)
         )
         for out_q, out_v, out_i, out_kth in parts:
             results.append((out_q, out_v, out_i))
@@ -432,64 +487,85 @@ def _topk_by_query(qs, vs, ids, n_queries, k):
 
 
 def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
-    """Top-k of query ``q`` over ``cells``: the cells' codes concatenated,
-    scanned in chunks of about ``budget`` items. Returns (values, original
-    indices), sentinel-padded when the cells hold fewer than k items."""
+    """Top-k of query ``q`` over ``cells``: the first cell alone, then the
+    others' codes concatenated, scanned in chunks of about ``budget`` items.
+    Returns (values, original indices), sentinel-padded when the cells hold
+    fewer than k items.
+
+    Lean on purpose: a single query's whole search is a few hundred
+    microseconds, so a cell read alone is a view (no concatenation) and its
+    coarse score a scalar.
+    """
     codes_t, bias = ivf.stored
     offsets, order = ivf.offsets, ivf.order
     table = tables[q]
     n_subspaces = table.shape[0]
     best_v = np.full(k, np.inf, dtype=np.float32)
     best_i = np.full(k, np.iinfo(np.intp).max, dtype=np.intp)
-    # In stored order, so that neighbouring cells are read as one run (the
-    # result does not depend on the order: ties go to the lower index).
-    cells = np.sort(cells)
+    # The first cell (the query's best) alone, whose k-th value is a tight
+    # threshold for the others; those in stored order, so that neighbouring
+    # cells are read as one run (the result does not depend on the order:
+    # ties go to the lower index).
+    if len(cells) > 2:
+        cells = np.concatenate([cells[:1], np.sort(cells[1:])])
     starts, ends = offsets[cells], offsets[cells + 1]
+    nonempty = ends > starts
+    if not nonempty.all():
+        starts, ends, cells = starts[nonempty], ends[nonempty], cells[nonempty]
     lengths = ends - starts
-    nonempty = lengths > 0
-    starts, ends, lengths, cells = starts[nonempty], ends[nonempty], lengths[nonempty], cells[nonempty]
     chunk_ends = np.cumsum(lengths)
+    full = False
     c0 = 0
     while c0 < len(cells):
         # Cells c0:c1 hold at most ``limit`` items (at least one cell): a
         # small first chunk gives the running k-th value, after which a
         # chunk costs a compare instead of a partition.
-        limit = budget if np.isfinite(best_v[-1]) else min(budget, max(64 * k, 4096))
+        limit = budget if full else min(budget, max(64 * k, 4096))
         base = chunk_ends[c0 - 1] if c0 else 0
-        c1 = max(c0 + 1, int(np.searchsorted(chunk_ends, base + limit, side="right")))
-        # Runs of adjacent cells, each one slice.
-        s0, e0 = starts[c0:c1], ends[c0:c1]
-        new_run = np.flatnonzero(s0[1:] != e0[:-1]) + 1
-        run_starts = np.concatenate([[0], new_run])
-        run_ends = np.concatenate([new_run, [len(s0)]]) - 1
-        spans = [slice(int(s0[a]), int(e0[b])) for a, b in zip(run_starts, run_ends, strict=True)]
-        if len(spans) == 1:
-            cols = codes_t[:, spans[0]]
+        c1 = c0 + 1
+        if c0 and c1 < len(cells):
+            c1 = max(c1, int(np.searchsorted(chunk_ends, base + limit, side="right")))
+        if c1 - c0 == 1:
+            a, b = int(starts[c0]), int(ends[c0])
+            cols = codes_t[:, a:b]
+            item_bias = None if bias is None else bias[a:b]
         else:
-            cols = np.concatenate([codes_t[:, s] for s in spans], axis=1)
-        # (Pair tables, as in the exhaustive one-query kernel, measured
-        # slower here: the pair codes of the gathered runs must be formed
-        # per query.)
-        acc = _sum_in_pairs(
+            # Runs of adjacent cells, each one slice.
+            s0, e0 = starts[c0:c1], ends[c0:c1]
+            new_run = np.flatnonzero(s0[1:] != e0[:-1]) + 1
+            run_starts = np.concatenate([[0], new_run])
+            run_ends = np.concatenate([new_run, [len(s0)]]) - 1
+            spans = [slice(int(s0[i]), int(e0[j]))
+                     for i, j in zip(run_starts, run_ends, strict=True)]
+            cols = np.concatenate([codes_t[:, sp] for sp in spans], axis=1)
+            item_bias = None if bias is None else np.concatenate([bias[sp] for sp in spans])
+        acc = _sum_in_order(
             lambda m, out=None: np.take(table[m], cols[m], out=out, mode="clip"),
             n_subspaces,
         )
-        if bias is not None:
-            acc += np.concatenate([bias[s] for s in spans]) if len(spans) > 1 else bias[spans[0]]
-            acc += np.repeat(cell_bias[q, cells[c0:c1]], lengths[c0:c1])
-        if len(acc) > k and not np.isfinite(best_v[-1]):
+        if item_bias is not None:
+            acc += item_bias
+            if c1 - c0 == 1:
+                acc += cell_bias[q, cells[c0]]
+            else:
+                acc += np.repeat(cell_bias[q, cells[c0:c1]], lengths[c0:c1])
+        if not full and len(acc) > k:
             kth = np.partition(acc, k - 1)[k - 1]
             cand = np.flatnonzero(acc <= kth)
         else:
             cand = np.flatnonzero(acc <= best_v[-1])
         if cand.size:
             # Stored positions of the candidates -> original indices.
-            seg = np.searchsorted(np.cumsum(lengths[c0:c1]), cand, side="right")
-            pos = starts[c0:c1][seg] + cand - (np.cumsum(lengths[c0:c1]) - lengths[c0:c1])[seg]
+            if c1 - c0 == 1:
+                pos = cand + a
+            else:
+                seg = np.searchsorted(chunk_ends[c0:c1] - base, cand, side="right")
+                pos = starts[c0:c1][seg] + cand - (chunk_ends[c0:c1] - lengths[c0:c1] - base)[seg]
             values = np.concatenate([best_v, acc[cand]])
             ids = np.concatenate([best_i, order[pos]])
             keep = np.lexsort((ids, values))[:k]
             best_v, best_i = values[keep], ids[keep]
+            full = bool(np.isfinite(best_v[-1]))
         c0 = c1
     return best_v, best_i
 
@@ -569,19 +645,27 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
     cell_bias = np.asarray(scores, dtype=np.float32) if add_scores else None
     pairs = _select_probes(scores, sizes, n_probe, n_neighbors)
     n_scanned = int(ivf.sizes[pairs[1]].sum())
-    n_jobs = max(1, min(effective_n_jobs(n_jobs), n_scanned // _search._MIN_SHARD_WORK))
-    if n_queries >= _GROUPED_MIN_QUERIES:
+    grouped = n_queries >= _GROUPED_MIN_QUERIES
+    min_work = _search._MIN_SHARD_WORK if grouped else _MIN_ONE_QUERY_WORK
+    n_jobs = max(1, min(effective_n_jobs(n_jobs), n_scanned // min_work))
+    if grouped:
         values, indices = _scan_grouped(tables, cell_bias, ivf, pairs, n_neighbors, n_jobs)
     else:
-        pair_queries, pair_cells, _ = pairs
+        pair_queries, pair_cells, best = pairs
         bounds = np.searchsorted(pair_queries, np.arange(n_queries + 1))
         probes = [pair_cells[bounds[q] : bounds[q + 1]] for q in range(n_queries)]
+        # Each query's best cell first (see _scan_one).
+        probes = [p if p[0] == b else np.concatenate([[b], p[p != b]])
+                  for p, b in zip(probes, best, strict=True)]
         # Per scanned item: codes, value, term and selection.
         budget = max(1, int(get_config()["working_memory"] * 2**20)
                      // (n_subspaces * tables.itemsize + 4 + 4 + 4 + 9))
         budget = min(budget, 2**18)
+        if n_jobs == 1:
+            groups = [np.arange(n_queries)]
         if n_jobs == 1 or n_queries >= n_jobs:
-            groups = [g for g in np.array_split(np.arange(n_queries), n_jobs) if len(g)]
+            if n_jobs > 1:
+                groups = [g for g in np.array_split(np.arange(n_queries), n_jobs) if len(g)]
             results = _run_shards(
                 _scan_queries, groups,
                 lambda g: (tables, cell_bias, ivf, probes, g, n_neighbors, budget),

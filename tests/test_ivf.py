@@ -339,3 +339,38 @@ def test_nearest_is_the_float64_argmin_even_near_ties(offset):
         for m in range(2)
     ], axis=1)
     np.testing.assert_array_equal(encode_product(X, codebooks), reference)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_float32_values_do_not_depend_on_path(monkeypatch, residual):
+    # Float tables: every path (torch embedding_bag for cells probed by many
+    # queries, np.take for one or two, the one-query scan, no torch at all)
+    # sums an item's terms in one order, so the selected items and their
+    # float32 values are bitwise the same.
+    rng = np.random.default_rng(1)
+    M, K, n_items, n_lists, n_queries = 8, 64, 4000, 12, 50
+    tables = rng.normal(size=(n_queries, M, K)).astype(np.float32)
+    codes = rng.integers(0, K, size=(n_items, M)).astype(np.uint8)
+    assignments = rng.integers(0, n_lists, size=n_items)
+    scores = rng.normal(size=(n_queries, n_lists))
+    bias = rng.normal(size=n_items).astype(np.float32) if residual else None
+    ivf = InvertedLists(codes, assignments, n_lists, item_bias=bias)
+    kwargs = dict(n_probe=4, add_scores=residual, refine=False)
+    batch = ivf_search(tables, scores, ivf, 10, **kwargs)
+    one = [ivf_search(tables[q : q + 1], scores[q : q + 1], ivf, 10, **kwargs)
+           for q in range(n_queries)]
+    np.testing.assert_array_equal(batch[0], np.vstack([v for v, _ in one]))
+    np.testing.assert_array_equal(batch[1], np.vstack([i for _, i in one]))
+    # The expected float32 values: terms added left to right, then the terms.
+    rows = np.arange(n_queries)[:, None]
+    expected = tables[rows, 0, codes[batch[1], 0]]
+    for m in range(1, M):
+        expected = expected + tables[rows, m, codes[batch[1], m]]
+    if residual:
+        expected = expected + bias[batch[1]]
+        expected = expected + scores.astype(np.float32)[rows, assignments[batch[1]]]
+    np.testing.assert_array_equal(batch[0], expected)
+    monkeypatch.setattr(_search, "_torch_embedding_bag", lambda: None)
+    no_torch = ivf_search(tables, scores, ivf, 10, **kwargs)
+    np.testing.assert_array_equal(batch[0], no_torch[0])
+    np.testing.assert_array_equal(batch[1], no_torch[1])
