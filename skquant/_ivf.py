@@ -56,6 +56,9 @@ __all__ = [
     "nearest",
 ]
 
+# float32 scores per block of rows in nearest(): 2 MiB, so that the passes
+# after the GEMM read them from cache.
+_NEAREST_BLOCK = 2**19
 # Queries from which a batch is scanned cell by cell (each probed cell read
 # once for all the queries that probe it); fewer queries are scanned one at a
 # time over the concatenation of their cells.
@@ -111,31 +114,52 @@ def nearest(X, centroids, exact_scores, *, norms=None):
     float32 winner is the exact winner, hence the float64 one: the result
     is bitwise that of the float64 computation, whatever the batch and the
     BLAS (ties go to the lower index, as ``argmin``).
+
+    The float32 scores come from one GEMM of ``[x, 1]`` with ``[-2 c, ||c||^2]``
+    (the scaling and the norms folded in), in blocks of rows whose scores
+    stay in cache: after the GEMM, two passes over them (best, then second
+    best), read from cache rather than memory.
     """
     X = np.asarray(X)
     n, dim = X.shape
     c32 = np.asarray(centroids, dtype=np.float32)
-    scores = np.asarray(X, dtype=np.float32) @ c32.T
+    n_centroids = c32.shape[0]
     c_max = float(np.sqrt(np.max(np.einsum("ld,ld->l", c32, c32, dtype=np.float64))))
     n_max = 0.0
+    # (-2 c and -c are exact in float32.)
     if norms is not None:
-        scores *= np.float32(-2.0)
-        scores += np.asarray(norms, dtype=np.float32)
+        weights = np.empty((dim + 1, n_centroids), dtype=np.float32)
+        np.multiply(c32.T, np.float32(-2.0), out=weights[:dim])
+        weights[dim] = norms
         n_max = float(np.max(np.abs(norms)))
     else:
-        np.negative(scores, out=scores)
-    best = np.argmin(scores, axis=1)
-    s_best = scores[np.arange(n), best]
+        weights = np.ascontiguousarray(-c32.T)
+    n_cols = weights.shape[0]
+    rows = max(1, min(n, _NEAREST_BLOCK // max(n_centroids, 1)))
+    xa = np.ones((rows, n_cols), dtype=np.float32)
+    scores_buf = np.empty((rows, n_centroids), dtype=np.float32)
+    best = np.empty(n, dtype=np.intp)
+    margin = np.empty(n, dtype=np.float64)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        xb = xa[: r1 - r0]
+        xb[:, :dim] = X[r0:r1]
+        scores = np.matmul(xb, weights, out=scores_buf[: r1 - r0])
+        b = np.argmin(scores, axis=1)
+        ar = np.arange(r1 - r0)
+        s_best = scores[ar, b]
+        scores[ar, b] = np.inf
+        second = scores.min(axis=1) if n_centroids > 1 else np.full(r1 - r0, np.inf)
+        best[r0:r1] = b
+        margin[r0:r1] = second.astype(np.float64) - s_best
+        margin[r0:r1][~np.isfinite(s_best)] = -np.inf
     # Error of a float32 score against the exact one: rounding X to float32
-    # and the dot products (gamma_dim * ||x|| ||c|| by Cauchy-Schwarz, any
-    # summation order), the norms and the final add; 4x the unit roundoff's
-    # worth of margin over that first-order bound.
+    # and the dot products (gamma_(dim+1) * (2 ||x|| ||c|| + |norm|) by
+    # Cauchy-Schwarz, any summation order), the norms' rounding; about 2x
+    # margin over that first-order bound.
     x_norm = np.sqrt(np.einsum("nd,nd->n", X, X, dtype=np.float64))
     bound = 2.0**-22 * (dim + 8) * (x_norm * c_max + n_max + 1e-30)
-    scores[np.arange(n), best] = np.inf
-    second = scores.min(axis=1) if scores.shape[1] > 1 else np.full(n, np.inf)
-    close = second.astype(np.float64) - s_best <= 2.0 * bound
-    unsure = np.flatnonzero(close | ~np.isfinite(s_best))
+    unsure = np.flatnonzero(~(margin > 2.0 * bound))
     if unsure.size:
         best[unsure] = np.argmin(exact_scores(X[unsure]), axis=1)
     return best
