@@ -226,6 +226,7 @@ class InvertedLists:
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._sizes = counts.astype(np.int64)
         self._stored = None
+        self._bias_bounds = None
 
     @property
     def n_lists(self):
@@ -251,6 +252,23 @@ class InvertedLists:
                 bias = np.asarray(self.item_bias, dtype=np.float32)[self.order]
             self._stored = (codes_t, bias)
         return self._stored
+
+    @property
+    def bias_bounds(self):
+        """``(lowest, largest magnitude)`` of the item bias in each cell,
+        (n_lists,) float64 each (``+inf`` and 0 for an empty cell): what
+        :func:`_cell_lower_bounds` needs. Built on first use."""
+        if self._bias_bounds is None:
+            _, bias = self.stored
+            lowest = np.full(self.n_lists, np.inf)
+            largest = np.zeros(self.n_lists)
+            filled = np.flatnonzero(self._sizes)
+            if filled.size:
+                starts = self.offsets[filled]
+                lowest[filled] = np.minimum.reduceat(bias, starts)
+                largest[filled] = np.maximum.reduceat(np.abs(bias), starts)
+            self._bias_bounds = (lowest, largest)
+        return self._bias_bounds
 
     def __getstate__(self):
         return {"codes": self.codes, "assignments": self.assignments,
@@ -384,6 +402,43 @@ class _CellSums:
         return acc
 
 
+def _cell_lower_bounds(tables, cell_bias, ivf, cells=None):
+    """Residual codes: a lower bound on every item value of each (query,
+    cell), and the rounding slack to allow it, (n_queries, n_lists) float64
+    (``cells``: only those, the columns of ``cell_bias``).
+
+    An item of cell ``c`` is worth ``S + b + s_c`` (table sum, item bias,
+    the cell's coarse score for the query), and ``S`` is at least the sum of
+    the tables' row minima, ``b`` at least the cell's lowest item bias. A
+    cell whose bound exceeds a query's running ``k``-th value by more than
+    the slack cannot hold one of its results (not even a tie): the scan
+    skips it, which changes no result. The slack bounds the float32 rounding
+    of an item's value (``M + 2`` additions, terms bounded by the tables'
+    largest magnitudes, the cell's largest bias and the coarse score) with a
+    4x margin.
+    """
+    n_subspaces = tables.shape[1]
+    lowest, largest = ivf.bias_bounds
+    if cells is not None:
+        lowest, largest = lowest[cells], largest[cells]
+    table_min = tables.min(axis=2).sum(axis=1, dtype=np.float64)
+    table_abs = np.abs(tables).max(axis=2).sum(axis=1, dtype=np.float64)
+    scores = cell_bias.astype(np.float64)
+    bounds = scores + lowest[None, :]
+    bounds += table_min[:, None]
+    slack = np.abs(scores)
+    slack += largest[None, :]
+    slack += table_abs[:, None]
+    slack *= (n_subspaces + 3) * 2.0**-22
+    return bounds, slack
+
+
+def _may_hold_results(bounds, slack, limit):
+    """Cells whose lower bound (:func:`_cell_lower_bounds`) is within the
+    slack of the running ``k``-th value ``limit`` (float64, rounded too)."""
+    return bounds <= limit + slack + 2.0**-22 * np.abs(limit)
+
+
 def _scan_groups(cell_sums, ivf, groups, k, thresholds):
     """Scan cells for the queries that probe them.
 
@@ -470,6 +525,13 @@ def _scan_grouped(tables, cell_bias, ivf, pairs, k, n_jobs):
     thresholds = np.full(n_queries, np.inf, dtype=np.float32)
     for thr in (None, thresholds):
         mask = first if thr is None else ~first
+        if thr is not None and cell_bias is not None:
+            # Skip the (query, cell) pairs whose cell cannot hold a result.
+            bounds, slack = _cell_lower_bounds(tables, cell_bias, ivf)
+            q, c = pair_queries[mask], pair_cells[mask]
+            limit = thr[q].astype(np.float64)
+            useful = _may_hold_results(bounds[q, c], slack[q, c], limit)
+            mask[np.flatnonzero(mask)[~useful]] = False
         groups = _group_pairs(pair_queries[mask], pair_cells[mask])
         if not groups:
             continue
@@ -590,6 +652,16 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
             keep = np.lexsort((ids, values))[:k]
             best_v, best_i = values[keep], ids[keep]
             full = bool(np.isfinite(best_v[-1]))
+        if c0 == 0 and full and item_bias is not None and len(cells) > 1:
+            # Skip the other cells that cannot hold a result.
+            rest = cells[1:]
+            bounds, slack = _cell_lower_bounds(table[None], cell_bias[q : q + 1, rest], ivf, rest)
+            useful = _may_hold_results(bounds[0], slack[0], float(best_v[-1]))
+            if not useful.all():
+                kept = np.concatenate([[0], np.flatnonzero(useful) + 1])
+                cells, starts, ends = cells[kept], starts[kept], ends[kept]
+                lengths = ends - starts
+                chunk_ends = np.cumsum(lengths)
         c0 = c1
     return best_v, best_i
 

@@ -374,3 +374,84 @@ def test_float32_values_do_not_depend_on_path(monkeypatch, residual):
     no_torch = ivf_search(tables, scores, ivf, 10, **kwargs)
     np.testing.assert_array_equal(batch[0], no_torch[0])
     np.testing.assert_array_equal(batch[1], no_torch[1])
+
+
+def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
+    # Residual codes of clustered data: most probed cells are far from a
+    # query and skipped by their lower bound (batch and one-query scans
+    # alike); the result is still exactly the top-k by (float32 value,
+    # index) over all the probed cells, computed here by brute force in the
+    # scan's order of additions.
+    from skquant import _ivf
+
+    rng = np.random.default_rng(3)
+    M, K, n_lists, n_queries, k = 4, 16, 20, 30, 5
+    centres = rng.normal(scale=3.0, size=(n_lists, 8))
+    cells = rng.integers(0, n_lists, size=3000)
+    X = (centres[cells] + rng.normal(size=(3000, 8))).astype(np.float32)
+    Q = (centres[rng.integers(0, n_lists, n_queries)]
+         + rng.normal(size=(n_queries, 8))).astype(np.float32)
+    pq = ProductQuantizer(n_codebooks=M, n_codewords=K, n_lists=n_lists, n_probe=n_lists,
+                          random_state=0).fit(X)
+    pq.index(X)
+    index = pq.index_
+    tables, scores = index._residual_tables(Q)
+    lists = index.inverted_lists()
+    calls = []
+    original = _ivf._may_hold_results
+    original_bounds = _ivf._cell_lower_bounds
+
+    def spy(*args):
+        useful = original(*args)
+        calls.append(np.count_nonzero(~np.asarray(useful)))
+        return useful
+
+    monkeypatch.setattr(_ivf, "_may_hold_results", spy)
+    codes, bias = lists.codes, lists.item_bias.astype(np.float32)
+    values = tables[:, 0, codes[:, 0]]
+    for m in range(1, M):
+        values = values + tables[:, m, codes[:, m]]
+    values = values + bias
+    values = values + scores.astype(np.float32)[:, lists.assignments]
+    # The bound holds: no item of a cell is worth less than its bound (less
+    # the slack), for every query and cell.
+    bounds, slack = original_bounds(tables, scores.astype(np.float32), lists)
+    cell_min = np.stack([values[:, lists.assignments == c].min(axis=1)
+                         for c in range(n_lists)], axis=1)
+    assert (bounds - slack <= cell_min).all()
+    for n_probe in (3, n_lists):
+        probed = np.argsort(scores, axis=1, kind="stable")[:, :n_probe]
+        masked = np.where(
+            (lists.assignments[None, :, None] == probed[:, None, :]).any(-1), values, np.inf
+        )
+        expected = np.argsort(masked, axis=1, kind="stable")[:, :k]
+        for batch in (Q, Q[:1]):
+            calls.clear()
+            got_v, got_i = ivf_search(tables[: len(batch)], scores[: len(batch)], lists, k,
+                                      n_probe=n_probe, add_scores=True, refine=False)
+            np.testing.assert_array_equal(got_i, expected[: len(batch)])
+            np.testing.assert_array_equal(
+                got_v, np.take_along_axis(values[: len(batch)], got_i, 1))
+            if n_probe == n_lists:
+                assert sum(calls) > 0  # cells were skipped
+
+
+def test_cell_lower_bound_is_tight_with_one_codeword():
+    # With one codeword per codebook every item's table sum is the sum of
+    # the tables' minima, so the bound is each cell's lowest item value (up
+    # to the rounding slack): a bound too high by any margin fails here.
+    from skquant._ivf import _cell_lower_bounds
+
+    rng = np.random.default_rng(4)
+    n_items, n_lists, n_queries, M = 500, 9, 6, 4
+    codes = np.zeros((n_items, M), dtype=np.uint8)
+    assignments = rng.integers(0, n_lists, size=n_items)
+    bias = rng.normal(scale=10.0, size=n_items).astype(np.float32)
+    lists = InvertedLists(codes, assignments, n_lists, item_bias=bias)
+    tables = rng.normal(size=(n_queries, M, 1)).astype(np.float32)
+    cell_bias = rng.normal(scale=10.0, size=(n_queries, n_lists)).astype(np.float32)
+    bounds, slack = _cell_lower_bounds(tables, cell_bias, lists)
+    values = tables.sum(axis=(1, 2), dtype=np.float64)[:, None] + bias + cell_bias[:, assignments]
+    cell_min = np.stack([values[:, assignments == c].min(axis=1) for c in range(n_lists)], axis=1)
+    assert (np.abs(bounds - cell_min) <= slack).all()
+    assert (slack < 1e-3).all()
