@@ -402,10 +402,9 @@ class _CellSums:
         return acc
 
 
-def _cell_lower_bounds(tables, cell_bias, ivf, cells=None):
-    """Residual codes: a lower bound on every item value of each (query,
-    cell), and the rounding slack to allow it, (n_queries, n_lists) float64
-    (``cells``: only those, the columns of ``cell_bias``).
+def _cell_lower_bounds(tables, cell_bias, ivf, queries, cells):
+    """Residual codes: a lower bound on every item value of cell ``cells[i]``
+    for query ``queries[i]``, and the rounding slack to allow it, float64.
 
     An item of cell ``c`` is worth ``S + b + s_c`` (table sum, item bias,
     the cell's coarse score for the query), and ``S`` is at least the sum of
@@ -419,16 +418,17 @@ def _cell_lower_bounds(tables, cell_bias, ivf, cells=None):
     """
     n_subspaces = tables.shape[1]
     lowest, largest = ivf.bias_bounds
-    if cells is not None:
-        lowest, largest = lowest[cells], largest[cells]
-    table_min = tables.min(axis=2).sum(axis=1, dtype=np.float64)
-    table_abs = np.abs(tables).max(axis=2).sum(axis=1, dtype=np.float64)
-    scores = cell_bias.astype(np.float64)
-    bounds = scores + lowest[None, :]
-    bounds += table_min[:, None]
+    rows = np.unique(queries)
+    table_min = np.zeros(tables.shape[0])
+    table_abs = np.zeros(tables.shape[0])
+    table_min[rows] = tables[rows].min(axis=2).sum(axis=1, dtype=np.float64)
+    table_abs[rows] = np.abs(tables[rows]).max(axis=2).sum(axis=1, dtype=np.float64)
+    scores = cell_bias[queries, cells].astype(np.float64)
+    bounds = scores + lowest[cells]
+    bounds += table_min[queries]
     slack = np.abs(scores)
-    slack += largest[None, :]
-    slack += table_abs[:, None]
+    slack += largest[cells]
+    slack += table_abs[queries]
     slack *= (n_subspaces + 3) * 2.0**-22
     return bounds, slack
 
@@ -527,10 +527,9 @@ def _scan_grouped(tables, cell_bias, ivf, pairs, k, n_jobs):
         mask = first if thr is None else ~first
         if thr is not None and cell_bias is not None:
             # Skip the (query, cell) pairs whose cell cannot hold a result.
-            bounds, slack = _cell_lower_bounds(tables, cell_bias, ivf)
             q, c = pair_queries[mask], pair_cells[mask]
-            limit = thr[q].astype(np.float64)
-            useful = _may_hold_results(bounds[q, c], slack[q, c], limit)
+            bounds, slack = _cell_lower_bounds(tables, cell_bias, ivf, q, c)
+            useful = _may_hold_results(bounds, slack, thr[q].astype(np.float64))
             mask[np.flatnonzero(mask)[~useful]] = False
         groups = _group_pairs(pair_queries[mask], pair_cells[mask])
         if not groups:
@@ -655,8 +654,8 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
         if c0 == 0 and full and item_bias is not None and len(cells) > 1:
             # Skip the other cells that cannot hold a result.
             rest = cells[1:]
-            bounds, slack = _cell_lower_bounds(table[None], cell_bias[q : q + 1, rest], ivf, rest)
-            useful = _may_hold_results(bounds[0], slack[0], float(best_v[-1]))
+            bounds, slack = _cell_lower_bounds(tables, cell_bias, ivf, np.full(len(rest), q), rest)
+            useful = _may_hold_results(bounds, slack, float(best_v[-1]))
             if not useful.all():
                 kept = np.concatenate([[0], np.flatnonzero(useful) + 1])
                 cells, starts, ends = cells[kept], starts[kept], ends[kept]

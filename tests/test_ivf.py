@@ -415,7 +415,9 @@ def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
     values = values + scores.astype(np.float32)[:, lists.assignments]
     # The bound holds: no item of a cell is worth less than its bound (less
     # the slack), for every query and cell.
-    bounds, slack = original_bounds(tables, scores.astype(np.float32), lists)
+    pair_q, pair_c = np.divmod(np.arange(n_queries * n_lists), n_lists)
+    bounds, slack = original_bounds(tables, scores.astype(np.float32), lists, pair_q, pair_c)
+    bounds, slack = bounds.reshape(n_queries, n_lists), slack.reshape(n_queries, n_lists)
     cell_min = np.stack([values[:, lists.assignments == c].min(axis=1)
                          for c in range(n_lists)], axis=1)
     assert (bounds - slack <= cell_min).all()
@@ -450,7 +452,9 @@ def test_cell_lower_bound_is_tight_with_one_codeword():
     lists = InvertedLists(codes, assignments, n_lists, item_bias=bias)
     tables = rng.normal(size=(n_queries, M, 1)).astype(np.float32)
     cell_bias = rng.normal(scale=10.0, size=(n_queries, n_lists)).astype(np.float32)
-    bounds, slack = _cell_lower_bounds(tables, cell_bias, lists)
+    pair_q, pair_c = np.divmod(np.arange(n_queries * n_lists), n_lists)
+    bounds, slack = _cell_lower_bounds(tables, cell_bias, lists, pair_q, pair_c)
+    bounds, slack = bounds.reshape(n_queries, n_lists), slack.reshape(n_queries, n_lists)
     values = tables.sum(axis=(1, 2), dtype=np.float64)[:, None] + bias + cell_bias[:, assignments]
     cell_min = np.stack([values[:, assignments == c].min(axis=1) for c in range(n_lists)], axis=1)
     assert (np.abs(bounds - cell_min) <= slack).all()
