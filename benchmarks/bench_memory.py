@@ -187,6 +187,14 @@ def main():
         "--encode-working-memory", type=float, default=64,
         help="budget in MiB for the encoding phase",
     )
+    parser.add_argument(
+        "--n-lists", type=int, default=None,
+        help="inverted file: ProductQuantizer(n_lists=..., n_probe=--n-probe) with "
+        "residual codes, fitted on --n-train vectors; also reports the index's "
+        "resident bytes per item once its scan layout is built",
+    )
+    parser.add_argument("--n-probe", type=int, default=16)
+    parser.add_argument("--n-train", type=int, default=20_000)
     parser.add_argument("--tmpdir", default="/tmp")
     parser.add_argument(
         "--output", default=str(Path(__file__).parent / "results" / "memory.md")
@@ -200,7 +208,8 @@ def main():
     centers = rng.standard_normal((64, D), dtype=np.float32) * 2
 
     tic = time.perf_counter()
-    pq = ProductQuantizer(M, K, max_iter=20, random_state=0).fit(_mixture(rng, 20_000, centers))
+    pq = ProductQuantizer(M, K, max_iter=20, n_lists=args.n_lists, n_probe=args.n_probe,
+                          random_state=0).fit(_mixture(rng, args.n_train, centers))
     fit_seconds = time.perf_counter() - tic
     # Warm up the search path (torch import, first embedding_bag call) so that
     # one-time initialisation is not counted as per-search memory.
@@ -230,6 +239,27 @@ def main():
           flush=True)
 
     Q = _mixture(np.random.default_rng(2), args.n_queries, centers)
+    layout_line = ""
+    if args.n_lists is not None:
+        # The inverted file's scan layout (codes by cell, per-item terms) is
+        # built on the first search and kept: measure what it adds for good.
+        # (Counted by tracemalloc: numpy arrays still allocated after the
+        # call. The resident set would miss heap space reused from the
+        # encoding phase.)
+        gc.collect()
+        tracemalloc.start()
+        pq.kneighbors(Q[:1], n_neighbors=args.n_neighbors)
+        gc.collect()
+        layout_mb = tracemalloc.get_traced_memory()[0] / MB
+        tracemalloc.stop()
+        layout_line = (
+            f"Inverted file (`n_lists={args.n_lists}`, `n_probe={args.n_probe}`, residual "
+            f"codes): the scan layout built by the first search stays resident: "
+            f"+{layout_mb:.1f} MiB ({layout_mb * MB / args.n_items:.1f} bytes per item) on "
+            f"top of the {codes_mb:.1f} MiB of codes ({M} bytes per item) and the cells "
+            f"({pq.cells_.nbytes / MB:.1f} MiB)."
+        )
+        print(layout_line, flush=True)
     rows = []
     reference = None
     for kernel, budget in searches:
@@ -253,13 +283,17 @@ def main():
         "",
         f"Command: `OMP_NUM_THREADS=1 python benchmarks/bench_memory.py "
         f"--n-items {args.n_items} --n-queries {args.n_queries} --searches "
-        f"{args.searches} --encode-working-memory {args.encode_working_memory:g}`",
+        f"{args.searches} --encode-working-memory {args.encode_working_memory:g}"
+        + (f" --n-lists {args.n_lists} --n-probe {args.n_probe} --n-train {args.n_train}"
+           if args.n_lists is not None else "") + "`",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared), Python "
         f"{platform.python_version()}, numpy {np.__version__}, scikit-learn "
-        f"{sklearn.__version__}. ProductQuantizer(n_codebooks={M}, n_codewords={K}) "
-        f"fitted on 20,000 x {D} vectors in {fit_seconds:.1f} s.",
+        f"{sklearn.__version__}. ProductQuantizer(n_codebooks={M}, n_codewords={K}"
+        + (f", n_lists={args.n_lists}, n_probe={args.n_probe}" if args.n_lists else "")
+        + f") fitted on {args.n_train:,} x {D} vectors in {fit_seconds:.1f} s.",
         "",
+        *([layout_line, ""] if layout_line else []),
         "Peak extra = `VmHWM` after the phase minus `VmRSS` before it (the peak is "
         "reset by writing 5 to `/proc/self/clear_refs`); RssAnon = sampled peak of "
         "anonymous memory (2 ms) minus its value before; tracemalloc = exact peak "

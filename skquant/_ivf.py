@@ -219,7 +219,8 @@ class InvertedLists:
         assignments = np.asarray(assignments)
         self.codes = codes
         self.assignments = assignments
-        self.item_bias = item_bias
+        # Kept in original order only until the stored layout holds it.
+        self._item_bias = item_bias
         index_dtype = np.int32 if len(assignments) < 2**31 else np.int64
         self.order = np.argsort(assignments, kind="stable").astype(index_dtype)
         counts = np.bincount(assignments, minlength=n_lists)
@@ -248,10 +249,32 @@ class InvertedLists:
             for m in range(self.codes.shape[1]):
                 np.take(self.codes[:, m], self.order, out=codes_t[m])
             bias = None
-            if self.item_bias is not None:
-                bias = np.asarray(self.item_bias, dtype=np.float32)[self.order]
+            if self._item_bias is not None:
+                bias = np.asarray(self._item_bias, dtype=np.float32)[self.order]
+                # One copy per item is enough (4 bytes per item): the
+                # original order is rebuilt from it when asked for.
+                self._item_bias = None
             self._stored = (codes_t, bias)
         return self._stored
+
+    @property
+    def has_item_bias(self):
+        """Whether the items carry a per-item term (residual codes)."""
+        return self._item_bias is not None or (
+            self._stored is not None and self._stored[1] is not None
+        )
+
+    @property
+    def item_bias(self):
+        """The per-item term in original order (float32), or None."""
+        if self._stored is None:
+            return self._item_bias
+        bias = self._stored[1]
+        if bias is None:
+            return None
+        original = np.empty_like(bias)
+        original[self.order] = bias
+        return original
 
     @property
     def bias_bounds(self):
@@ -735,7 +758,7 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
             f"Expected 1 <= n_neighbors <= n_items, got n_neighbors={n_neighbors} "
             f"and n_items={n_items}."
         )
-    if add_scores and ivf.item_bias is None:
+    if add_scores and not ivf.has_item_bias:
         raise ValueError("add_scores=True needs inverted lists with an item_bias.")
     cell_bias = np.asarray(scores, dtype=np.float32) if add_scores else None
     pairs = _select_probes(scores, sizes, n_probe, n_neighbors)

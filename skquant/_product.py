@@ -147,9 +147,12 @@ def encode_product(Z, codebooks):
 
 def decode_product(codes, codebooks):
     """Concatenate the selected codewords: (n_samples, n_subspaces * subspace_dim)."""
-    n_subspaces = codebooks.shape[0]
-    parts = [codebooks[m][codes[:, m]] for m in range(n_subspaces)]
-    return np.hstack(parts).astype(np.float32, copy=False)
+    n_subspaces, n_codewords, subspace_dim = codebooks.shape
+    # One gather of (item, sub-space) rows from the stacked codebooks.
+    flat = codes.astype(np.intp)
+    flat += np.arange(n_subspaces) * n_codewords
+    decoded = codebooks.reshape(n_subspaces * n_codewords, subspace_dim)[flat]
+    return decoded.reshape(len(codes), -1).astype(np.float32, copy=False)
 
 
 def fit_opq(Z, n_subspaces, n_codewords, *, n_iter=10, max_iter=100, random_state=None):
