@@ -87,3 +87,31 @@ def test_single_step_and_wrong_last_step(digits):
     bad = make_quantizer_pipeline(StandardScaler(), MinMaxScaler()).fit(X)
     with pytest.raises(TypeError, match="MinMaxScaler, has no kneighbors"):
         bad.kneighbors(Q)
+
+
+def test_supervised_embedding_with_residual_inverted_file():
+    # The composition benchmarks/bench_supervised_ivf.py recommends for a
+    # million-item database: a supervised estimator's embedding, quantized
+    # by ProductQuantizer's residual inverted file. Through the pipeline it
+    # searches exactly as the two estimators used by hand.
+    from skquant import SphericalQuantizer
+
+    X, y = load_digits(return_X_y=True)
+    X = X.astype(np.float32) / 16
+    X_fit, y_fit, X_db, y_db, X_q = X[:900], y[:900], X[900:1700], y[900:1700], X[1700:1730]
+
+    def make():
+        return (SphericalQuantizer(n_codebooks=2, n_codewords=16, max_iter=3, random_state=0),
+                ProductQuantizer(n_codebooks=4, n_codewords=16, n_lists=8, n_probe=2,
+                                 random_state=0))
+
+    pipe = make_quantizer_pipeline(*make()).fit(X_fit, y_fit).index(X_db, y_db)
+    dsq, pq = make()
+    dsq.fit(X_fit, y_fit)
+    pq.fit(dsq.transform(X_fit), y_fit).index(dsq.transform(X_db), y_db)
+    assert pq.index_.by_residual
+    dist, ind = pipe.kneighbors(X_q, n_neighbors=5)
+    dist_ref, ind_ref = pq.kneighbors(dsq.transform(X_q), n_neighbors=5)
+    assert_array_equal(ind, ind_ref)
+    assert_array_equal(dist, dist_ref)
+    assert pipe.score(X_q, y[1700:1730]) == pq.score(dsq.transform(X_q), y[1700:1730])
