@@ -47,6 +47,8 @@ The scan (``benchmarks/bench_search.py --ivf`` measures it against faiss):
   the lower *original* index, as in exhaustive search.
 """
 
+import threading
+
 import numpy as np
 from joblib import effective_n_jobs
 from sklearn import get_config
@@ -235,6 +237,7 @@ class InvertedLists:
         self._sizes = counts.astype(np.int64)
         self._stored = None
         self._bias_bounds = None
+        self._lock = threading.Lock()
 
     @property
     def n_lists(self):
@@ -251,32 +254,35 @@ class InvertedLists:
         C-contiguous rows (a cell's codes of one codebook are one contiguous
         run) and the item bias in stored order (float32, or None). Built on
         first use."""
-        if self._stored is None:
-            codes_t = np.empty((self.codes.shape[1], len(self.order)), dtype=self.codes.dtype)
-            for m in range(self.codes.shape[1]):
-                np.take(self.codes[:, m], self.order, out=codes_t[m])
-            bias = None
-            if self._item_bias is not None:
-                bias = np.asarray(self._item_bias, dtype=np.float32)[self.order]
+        with self._lock:  # concurrent searches build it once
+            if self._stored is None:
+                codes_t = np.empty((self.codes.shape[1], len(self.order)),
+                                   dtype=self.codes.dtype)
+                for m in range(self.codes.shape[1]):
+                    np.take(self.codes[:, m], self.order, out=codes_t[m])
+                bias = None
+                if self._item_bias is not None:
+                    bias = np.asarray(self._item_bias, dtype=np.float32)[self.order]
+                self._stored = (codes_t, bias)
                 # One copy per item is enough (4 bytes per item): the
                 # original order is rebuilt from it when asked for.
                 self._item_bias = None
-            self._stored = (codes_t, bias)
-        return self._stored
+            return self._stored
 
     @property
     def has_item_bias(self):
         """Whether the items carry a per-item term (residual codes)."""
-        return self._item_bias is not None or (
-            self._stored is not None and self._stored[1] is not None
-        )
+        with self._lock:
+            stored = self._stored
+            return self._item_bias is not None or (stored is not None and stored[1] is not None)
 
     @property
     def item_bias(self):
         """The per-item term in original order (float32), or None."""
-        if self._stored is None:
-            return self._item_bias
-        bias = self._stored[1]
+        with self._lock:
+            if self._stored is None:
+                return self._item_bias
+            bias = self._stored[1]
         if bias is None:
             return None
         original = np.empty_like(bias)
@@ -629,6 +635,8 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
         starts, ends, cells = starts[nonempty], ends[nonempty], cells[nonempty]
     lengths = ends - starts
     chunk_ends = np.cumsum(lengths)
+    table_mins = table.min(axis=1).astype(np.float64)
+    table_abs = float(np.abs(table).max(axis=1).sum(dtype=np.float64))
     full = False
     c0 = 0
     while c0 < len(cells):
@@ -654,21 +662,30 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
                      for i, j in zip(run_starts, run_ends, strict=True)]
             cols = np.concatenate([codes_t[:, sp] for sp in spans], axis=1)
             item_bias = None if bias is None else np.concatenate([bias[sp] for sp in spans])
-        acc = _sum_in_order(
-            lambda m, out=None: np.take(table[m], cols[m], out=out, mode="clip"),
-            n_subspaces,
-        )
-        if item_bias is not None:
-            acc += item_bias
-            if c1 - c0 == 1:
-                acc += cell_bias[q, cells[c0]]
-            else:
-                acc += np.repeat(cell_bias[q, cells[c0:c1]], lengths[c0:c1])
-        if not full and len(acc) > k:
-            kth = np.partition(acc, k - 1)[k - 1]
-            cand = np.flatnonzero(acc <= kth)
+        if item_bias is None:
+            cell_term = None
+        elif c1 - c0 == 1:
+            cell_term = cell_bias[q, cells[c0]]
         else:
-            cand = np.flatnonzero(acc <= best_v[-1])
+            cell_term = np.repeat(cell_bias[q, cells[c0:c1]], lengths[c0:c1])
+        if full:
+            # Threshold known: the first terms, a bound, the rest for the
+            # few survivors only.
+            acc, cand = _prune_and_finish(table, cols, item_bias, cell_term,
+                                          float(best_v[-1]), table_mins, table_abs)
+        else:
+            acc = _sum_in_order(
+                lambda m, out=None: np.take(table[m], cols[m], out=out, mode="clip"),
+                n_subspaces,
+            )
+            if item_bias is not None:
+                acc += item_bias
+                acc += cell_term
+            if len(acc) > k:
+                kth = np.partition(acc, k - 1)[k - 1]
+                cand = np.flatnonzero(acc <= kth)
+            else:
+                cand = np.flatnonzero(acc <= best_v[-1])
         if cand.size:
             # Stored positions of the candidates -> original indices.
             if c1 - c0 == 1:
@@ -676,7 +693,7 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
             else:
                 seg = np.searchsorted(chunk_ends[c0:c1] - base, cand, side="right")
                 pos = starts[c0:c1][seg] + cand - (chunk_ends[c0:c1] - lengths[c0:c1] - base)[seg]
-            values = np.concatenate([best_v, acc[cand]])
+            values = np.concatenate([best_v, acc if full else acc[cand]])
             ids = np.concatenate([best_i, order[pos]])
             keep = np.lexsort((ids, values))[:k]
             best_v, best_i = values[keep], ids[keep]
@@ -693,6 +710,57 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
                 chunk_ends = np.cumsum(lengths)
         c0 = c1
     return best_v, best_i
+
+
+def _prune_and_finish(table, cols, item_bias, cell_term, threshold, table_mins, table_abs):
+    """Items of a chunk of one query's scan whose value is at most
+    ``threshold``: ``(values, positions in the chunk)``.
+
+    Only the first quarter of the terms is summed for every item; the other
+    terms add at least their tables' minima, so an item whose bound already
+    exceeds the threshold (by more than a slack far above the float32
+    rounding: 2**-16 of the terms' magnitudes) is dropped, and only the
+    survivors (a few percent, after the query's best cell) get their other
+    look-ups. The survivors' sums continue from the same partial sums in the
+    same order (:func:`_sum_in_order`, then the item and cell terms), so
+    their values are bitwise those of the full scan. ``table_mins``: the
+    tables' row minima (float64); ``table_abs``: the sum of their rows'
+    largest magnitudes (with the item and cell terms' and the threshold's,
+    the scale of the slack).
+    """
+    n_subspaces = table.shape[0]
+    head = max(1, (n_subspaces + 3) // 4)
+    acc = _sum_in_order(
+        lambda m, out=None: np.take(table[m], cols[m], out=out, mode="clip"), head
+    )
+    rest_min = float(table_mins[head:].sum())
+    magnitude = abs(threshold) + table_abs
+    if item_bias is None:
+        bound = acc
+    else:
+        bound = acc + item_bias
+        bound += cell_term
+        magnitude += float(np.abs(item_bias).max()) + float(np.max(np.abs(cell_term)))
+    limit = threshold - rest_min + 2.0**-16 * magnitude
+    alive = np.flatnonzero(bound <= limit)
+    if 4 * len(alive) > len(acc):
+        # Unselective (a loose threshold): finish every item, contiguously.
+        tmp = np.empty_like(acc)
+        for m in range(head, n_subspaces):
+            acc += np.take(table[m], cols[m], out=tmp, mode="clip")
+        if item_bias is not None:
+            acc += item_bias
+            acc += cell_term
+        cand = np.flatnonzero(acc <= threshold)
+        return acc[cand], cand
+    values = acc[alive]
+    for m in range(head, n_subspaces):
+        values += table[m][cols[m][alive]]
+    if item_bias is not None:
+        values += item_bias[alive]
+        values += cell_term[alive] if np.ndim(cell_term) else cell_term
+    keep = values <= threshold
+    return values[keep], alive[keep]
 
 
 def _scan_queries(tables, cell_bias, ivf, probes, queries, k, budget):

@@ -407,6 +407,15 @@ def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
         return useful
 
     monkeypatch.setattr(_ivf, "_may_hold_results", spy)
+    pruned = []
+    original_prune = _ivf._prune_and_finish
+
+    def prune_spy(*args):
+        values, positions = original_prune(*args)
+        pruned.append(len(args[1][0]))
+        return values, positions
+
+    monkeypatch.setattr(_ivf, "_prune_and_finish", prune_spy)
     codes, bias = lists.codes, lists.item_bias.astype(np.float32)
     values = tables[:, 0, codes[:, 0]]
     for m in range(1, M):
@@ -436,6 +445,7 @@ def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
                 got_v, np.take_along_axis(values[: len(batch)], got_i, 1))
             if n_probe == n_lists:
                 assert sum(calls) > 0  # cells were skipped
+    assert pruned  # the one-query scan bounded items too
 
 
 def test_cell_lower_bound_is_tight_with_one_codeword():
