@@ -385,7 +385,8 @@ def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
     from skquant import _ivf
 
     rng = np.random.default_rng(3)
-    M, K, n_lists, n_queries, k = 4, 16, 20, 30, 5
+    # K * M > 256: flat table offsets beyond the codes' uint8 range.
+    M, K, n_lists, n_queries, k = 4, 128, 20, 30, 5
     centres = rng.normal(scale=3.0, size=(n_lists, 8))
     cells = rng.integers(0, n_lists, size=3000)
     X = (centres[cells] + rng.normal(size=(3000, 8))).astype(np.float32)
