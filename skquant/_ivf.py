@@ -607,11 +607,13 @@ def _topk_by_query(qs, vs, ids, n_queries, k):
     return vs[keep], ids[keep]
 
 
-def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
+def _scan_one(tables, cell_bias, ivf, cells, q, k, budget, limit=np.inf):
     """Top-k of query ``q`` over ``cells``: the first cell alone, then the
     others' codes concatenated, scanned in chunks of about ``budget`` items.
     Returns (values, original indices), sentinel-padded when the cells hold
-    fewer than k items.
+    fewer than k items (or fewer at most ``limit``: a known upper bound on
+    the query's k-th value, e.g. from its best cell scanned by another
+    thread; only items at or below it are kept).
 
     Lean on purpose: a single query's whole search is a few hundred
     microseconds, so a cell read alone is a view (no concatenation) and its
@@ -633,21 +635,33 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
     nonempty = ends > starts
     if not nonempty.all():
         starts, ends, cells = starts[nonempty], ends[nonempty], cells[nonempty]
-    lengths = ends - starts
-    chunk_ends = np.cumsum(lengths)
     table_mins = table.min(axis=1).astype(np.float64)
     table_abs = float(np.abs(table).max(axis=1).sum(dtype=np.float64))
-    full = False
+
+    def useful_cells(cells, threshold):
+        """Mask of the cells that may hold an item at or below ``threshold``."""
+        if bias is None or not len(cells):
+            return np.ones(len(cells), dtype=bool)
+        bounds, slack = _cell_lower_bounds(tables, cell_bias, ivf, np.full(len(cells), q), cells)
+        return _may_hold_results(bounds, slack, threshold)
+
+    if np.isfinite(limit):
+        keep = useful_cells(cells, limit)
+        starts, ends, cells = starts[keep], ends[keep], cells[keep]
+    lengths = ends - starts
+    chunk_ends = np.cumsum(lengths)
+    threshold = min(float(best_v[-1]), limit)
     c0 = 0
     while c0 < len(cells):
+        full = np.isfinite(threshold)
         # Cells c0:c1 hold at most ``limit`` items (at least one cell): a
         # small first chunk gives the running k-th value, after which a
         # chunk costs a compare instead of a partition.
-        limit = budget if full else min(budget, max(64 * k, 4096))
+        size = budget if full else min(budget, max(64 * k, 4096))
         base = chunk_ends[c0 - 1] if c0 else 0
         c1 = c0 + 1
         if c0 and c1 < len(cells):
-            c1 = max(c1, int(np.searchsorted(chunk_ends, base + limit, side="right")))
+            c1 = max(c1, int(np.searchsorted(chunk_ends, base + size, side="right")))
         if c1 - c0 == 1:
             a, b = int(starts[c0]), int(ends[c0])
             cols = codes_t[:, a:b]
@@ -671,8 +685,8 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
         if full:
             # Threshold known: the first terms, a bound, the rest for the
             # few survivors only.
-            acc, cand = _prune_and_finish(table, cols, item_bias, cell_term,
-                                          float(best_v[-1]), table_mins, table_abs)
+            values, cand = _prune_and_finish(table, cols, item_bias, cell_term,
+                                             threshold, table_mins, table_abs)
         else:
             acc = _sum_in_order(
                 lambda m, out=None: np.take(table[m], cols[m], out=out, mode="clip"),
@@ -685,7 +699,8 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
                 kth = np.partition(acc, k - 1)[k - 1]
                 cand = np.flatnonzero(acc <= kth)
             else:
-                cand = np.flatnonzero(acc <= best_v[-1])
+                cand = np.arange(len(acc))
+            values = acc[cand]
         if cand.size:
             # Stored positions of the candidates -> original indices.
             if c1 - c0 == 1:
@@ -693,22 +708,23 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
             else:
                 seg = np.searchsorted(chunk_ends[c0:c1] - base, cand, side="right")
                 pos = starts[c0:c1][seg] + cand - (chunk_ends[c0:c1] - lengths[c0:c1] - base)[seg]
-            values = np.concatenate([best_v, acc if full else acc[cand]])
+            values = np.concatenate([best_v, values])
             ids = np.concatenate([best_i, order[pos]])
             keep = np.lexsort((ids, values))[:k]
             best_v, best_i = values[keep], ids[keep]
-            full = bool(np.isfinite(best_v[-1]))
-        if c0 == 0 and full and item_bias is not None and len(cells) > 1:
+            threshold = min(float(best_v[-1]), limit)
+        if c0 == 0 and not full and np.isfinite(threshold) and len(cells) > 1:
             # Skip the other cells that cannot hold a result.
-            rest = cells[1:]
-            bounds, slack = _cell_lower_bounds(tables, cell_bias, ivf, np.full(len(rest), q), rest)
-            useful = _may_hold_results(bounds, slack, float(best_v[-1]))
-            if not useful.all():
-                kept = np.concatenate([[0], np.flatnonzero(useful) + 1])
-                cells, starts, ends = cells[kept], starts[kept], ends[kept]
+            keep = np.concatenate([[True], useful_cells(cells[1:], threshold)])
+            if not keep.all():
+                cells, starts, ends = cells[keep], starts[keep], ends[keep]
                 lengths = ends - starts
                 chunk_ends = np.cumsum(lengths)
         c0 = c1
+    if np.isfinite(limit):
+        # (Only entries at or below the limit; the rest are sentinels.)
+        beyond = best_v > limit
+        best_v[beyond], best_i[beyond] = np.inf, np.iinfo(np.intp).max
     return best_v, best_i
 
 
@@ -763,12 +779,14 @@ def _prune_and_finish(table, cols, item_bias, cell_term, threshold, table_mins, 
     return values[keep], alive[keep]
 
 
-def _scan_queries(tables, cell_bias, ivf, probes, queries, k, budget):
-    """One-query-at-a-time scan of ``queries`` over their cells ``probes[q]``."""
+def _scan_queries(tables, cell_bias, ivf, probes, queries, k, budget, limits=None):
+    """One-query-at-a-time scan of ``queries`` over their cells ``probes[q]``
+    (``limits[q]``: see :func:`_scan_one`)."""
     out_v = np.empty((len(queries), k), dtype=np.float32)
     out_i = np.empty((len(queries), k), dtype=np.intp)
     for r, q in enumerate(queries):
-        out_v[r], out_i[r] = _scan_one(tables, cell_bias, ivf, probes[q], q, k, budget)
+        limit = np.inf if limits is None else limits[q]
+        out_v[r], out_i[r] = _scan_one(tables, cell_bias, ivf, probes[q], q, k, budget, limit)
     return out_v, out_i
 
 
@@ -866,16 +884,23 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
             values = np.vstack([v for v, _ in results])
             indices = np.vstack([i for _, i in results])
         else:
-            # Fewer queries than threads: each thread scans a share of every
-            # query's cells (cells are split, the items of a cell never are).
-            shares = [[np.array_split(p, n_jobs)[t] for p in probes] for t in range(n_jobs)]
+            # Fewer queries than threads: each query's best cell first (its
+            # k-th value bounds the rest), then the other cells split among
+            # the threads (the items of a cell never are), each keeping only
+            # what beats that bound.
             everyone = np.arange(n_queries)
+            first = _scan_queries(tables, cell_bias, ivf, [p[:1] for p in probes], everyone,
+                                  n_neighbors, budget)
+            limits = first[0][:, -1].astype(np.float64)
+            shares = [[np.array_split(p[1:], n_jobs)[t] for p in probes]
+                      for t in range(n_jobs)]
             results = _run_shards(
                 _scan_queries, list(range(n_jobs)),
-                lambda t: (tables, cell_bias, ivf, shares[t], everyone, n_neighbors, budget),
+                lambda t: (tables, cell_bias, ivf, shares[t], everyone, n_neighbors, budget,
+                           limits),
             )
-            values = np.hstack([v for v, _ in results])
-            ids = np.hstack([i for _, i in results])
+            values = np.hstack([first[0]] + [v for v, _ in results])
+            ids = np.hstack([first[1]] + [i for _, i in results])
             order = np.lexsort((ids, values), axis=1)[:, :n_neighbors]
             values = np.take_along_axis(values, order, 1)
             indices = np.take_along_axis(ids, order, 1)

@@ -18,7 +18,10 @@ from skquant._search import aqd_search
 @pytest.fixture(autouse=True)
 def _shard_small_problems(monkeypatch):
     """Small test databases still exercise the multi-thread split and merge."""
+    from skquant import _ivf
+
     monkeypatch.setattr(_search, "_MIN_SHARD_WORK", 1)
+    monkeypatch.setattr(_ivf, "_MIN_ONE_QUERY_WORK", 1)
 
 
 def _restricted_reference(sums, assignments, scores, n_probe, k):
