@@ -386,6 +386,7 @@ class _CellSums:
         self._range = None
         self._index = None
         self._block = None
+        self._bounds = None
 
     def _index_of(self, a, b):
         if self._range != (a, b):
@@ -408,6 +409,19 @@ class _CellSums:
         if self._block is None or self._block[0] is not queries:
             self._block = (queries, np.ascontiguousarray(self.flat_tables[queries].T))
         return self._block[1]
+
+    def below(self, q, cell, a, b, threshold):
+        """Items ``a:b`` (of ``cell``) worth at most ``threshold`` to query
+        ``q``: ``(values, positions from a)``, by :func:`_prune_and_finish`."""
+        if self._bounds is None:
+            self._bounds = (self.tables.min(axis=2).astype(np.float64),
+                            np.abs(self.tables).max(axis=2).sum(axis=1, dtype=np.float64))
+        table_mins, table_abs = self._bounds
+        item_bias = cell_term = None
+        if self.bias is not None:
+            item_bias, cell_term = self.bias[a:b], self.cell_bias[q, cell]
+        return _prune_and_finish(self.tables[q], self.codes_t[:, a:b], item_bias, cell_term,
+                                 threshold, table_mins[q], float(table_abs[q]))
 
     def __call__(self, queries, cell, a, b):
         n_subspaces, n_codewords = self.tables.shape[1:]
@@ -501,6 +515,16 @@ def _scan_groups(cell_sums, ivf, groups, k, thresholds):
         for i0 in range(a, b, step):
             i1 = min(i0 + step, b)
             for queries in blocks:
+                if thresholds is not None and len(queries) < _BAG_MIN_QUERIES:
+                    # A cell of one or two queries with their thresholds
+                    # known: bounded like the one-query scan.
+                    for q in queries:
+                        values, cand = cell_sums.below(q, cell, i0, i1, float(thresholds[q]))
+                        if len(cand):
+                            out_q.append(np.full(len(cand), q))
+                            out_v.append(values)
+                            out_i.append(order[cand + i0])
+                    continue
                 acc = cell_sums(queries, cell, i0, i1)
                 if thresholds is None:
                     if i1 - i0 > k:
