@@ -25,15 +25,18 @@ The scan (``benchmarks/bench_search.py --ivf`` measures it against faiss):
 * **Batches, cell by cell.** The (query, cell) pairs are grouped by cell, so
   each probed cell is read once for all the queries that probe it, in
   database-major blocks of at most 64 queries (a code's row of all the
-  block's queries one gather, fused with the sum by torch's
-  ``embedding_bag`` as in the exhaustive batch kernel; ``np.take`` for a
-  cell probed by one or two queries, or without torch). Two passes: each query's
+  block's queries one gather). Two passes: each query's
   best cell first, whose ``k``-th value becomes the query's threshold, then
   the other cells, where an entry costs a compare against it instead of a
   partition. All candidates are merged at the end by ``(value, index)``.
 * **A few queries, one at a time**, over the concatenation of their cells'
   code runs (cells are contiguous per codebook, adjacent cells read as one
-  run); threads split a query's cells.
+  run), the best cell first; then a quarter of the terms, a bound, and the
+  other look-ups for the few survivors.
+* **One thread.** The scan is many small numpy calls per cell, which hold
+  the GIL between them: threads measured slower, so ``n_jobs`` does not
+  split it (the exhaustive kernels and a dask database's chunks do run in
+  parallel).
 * **Cells that cannot hold a result are skipped** (residual codes): a cell's
   items are worth at least its coarse score plus its lowest item term plus
   the tables' row minima (:func:`_cell_lower_bounds`); once a query's best
@@ -50,12 +53,10 @@ The scan (``benchmarks/bench_search.py --ivf`` measures it against faiss):
 import threading
 
 import numpy as np
-from joblib import effective_n_jobs
 from sklearn import get_config
 from sklearn.utils import gen_batches
 
-from . import _search
-from ._search import _refine, _run_shards
+from ._search import _refine
 
 __all__ = [
     "InvertedLists",
@@ -75,19 +76,14 @@ _GROUPED_MIN_QUERIES = 8
 # (items x queries) entries of one block of the grouped scan: 2**18 float32
 # (1 MiB) accumulators stay in cache.
 _BLOCK_PAIRS = 2**18
-# Items scanned one query at a time from which a thread pays off: about
-# 10 ns per item here against ~0.5 ns per (item, query) pair in the grouped
-# scan, so ~16x fewer than the pairs of _search._MIN_SHARD_WORK.
-_MIN_ONE_QUERY_WORK = 2**12
 # Queries per block of the grouped scan: their tables, database-major
 # (M x K x 64 float32, 512 KiB at M = 8, K = 256), are gathered once per cell
 # and stay in cache; larger blocks cost more to gather than they save.
 _QUERY_BLOCK = 64
-# Queries of a cell from which its sums use torch's embedding_bag: for one or
-# two queries a gathered row is one or two floats wide and np.take per
-# sub-space is faster (measured: embedding_bag ~12 ns per item for 1 query,
-# 0.8 ns per (item, query) for 16).
-_BAG_MIN_QUERIES = 3
+# Cells probed by fewer queries than this, in the second pass (thresholds
+# known), are bounded query by query like the one-query scan; more share
+# one database-major sum.
+_FEW_QUERIES = 3
 
 
 def coarse_scores(X, centroids, metric="euclidean", norms=None):
@@ -349,10 +345,9 @@ def _sum_in_order(term, n_subspaces):
     """``t_0 + t_1 + ... + t_{M-1}``, left to right, ``term(m, out=None)``
     giving the float32 terms of sub-space ``m``.
 
-    The one order every scan sums in (it is the order of
-    :func:`torch.nn.functional.embedding_bag`'s sum, which the batch scan
-    uses), so that the float32 value of an item does not depend on the path
-    (batch or one query, torch or numpy).
+    The one order every scan sums in, so that the float32 value of an item
+    does not depend on the path (batch or one query, bounded or not); it is
+    also the order of :func:`torch.nn.functional.embedding_bag`'s sum.
     """
     acc = term(0)
     if n_subspaces > 1:
@@ -367,12 +362,11 @@ class _CellSums:
     (items, queries) float32 array ``t_0 + ... + t_{M-1} (+ item bias + cell
     bias)``, in the order of :func:`_sum_in_order`.
 
-    Groups of at least ``_BAG_MIN_QUERIES`` queries use torch's
-    ``embedding_bag`` (one fused gather-and-sum over the codes' rows of the
-    queries' tables, as the exhaustive batch kernel does); smaller groups,
-    where a row is only a float or two wide, use one ``np.take`` per
-    sub-space. The index array of a range (codes offset by ``m * K``) is
-    built once and serves every block of queries of the range.
+    The queries' tables are laid out database-major, so that a code's row of
+    all the group's queries is one contiguous gather (``np.take(axis=0)``);
+    one query takes 1-D look-ups. (torch's ``embedding_bag``, which the
+    exhaustive batch kernel uses, measured 2x slower here with its default
+    threads: a cell is too small a call to share.)
     """
 
     def __init__(self, tables, ivf, cell_bias):
@@ -381,26 +375,8 @@ class _CellSums:
         self.flat_tables = tables.reshape(n_queries, n_subspaces * n_codewords)
         self.codes_t, self.bias = ivf.stored
         self.cell_bias = cell_bias
-        self.offsets = (np.arange(n_subspaces, dtype=np.int32) * n_codewords)[None, :]
-        self.embedding_bag = _search._torch_embedding_bag()
-        self._range = None
-        self._index = None
         self._block = None
         self._bounds = None
-
-    def _index_of(self, a, b):
-        if self._range != (a, b):
-            import torch
-
-            index = np.add(self.codes_t[:, a:b].T, self.offsets, dtype=np.int32)
-            # 1-D indices and explicit bag offsets: embedding_bag's 2-D form
-            # reshapes and builds the offsets on every call (half its cost on
-            # a cell of a thousand items).
-            n_subspaces = index.shape[1]
-            bags = torch.arange(0, index.size, n_subspaces, dtype=torch.int32)
-            self._range = (a, b)
-            self._index = (torch.from_numpy(index.reshape(-1)), bags)
-        return self._index
 
     def _block_tables(self, queries):
         """The queries' tables database-major, (M * K, queries) C-contiguous:
@@ -426,14 +402,7 @@ class _CellSums:
     def __call__(self, queries, cell, a, b):
         n_subspaces, n_codewords = self.tables.shape[1:]
         codes_t = self.codes_t
-        if self.embedding_bag is not None and len(queries) >= _BAG_MIN_QUERIES:
-            import torch
-
-            index, bags = self._index_of(a, b)
-            acc = self.embedding_bag(
-                index, torch.from_numpy(self._block_tables(queries)), bags, mode="sum"
-            ).numpy()
-        elif len(queries) == 1:
+        if len(queries) == 1:
             table = self.tables[queries[0]]
             acc = _sum_in_order(
                 lambda m, out=None: np.take(table[m], codes_t[m, a:b], out=out, mode="clip"),
@@ -515,7 +484,7 @@ def _scan_groups(cell_sums, ivf, groups, k, thresholds):
         for i0 in range(a, b, step):
             i1 = min(i0 + step, b)
             for queries in blocks:
-                if thresholds is not None and len(queries) < _BAG_MIN_QUERIES:
+                if thresholds is not None and len(queries) < _FEW_QUERIES:
                     # A cell of one or two queries with their thresholds
                     # known: bounded like the one-query scan.
                     for q in queries:
@@ -543,19 +512,6 @@ def _scan_groups(cell_sums, ivf, groups, k, thresholds):
     return out_q, out_v, out_i, out_kth
 
 
-def _split_groups(groups, weights, n_jobs):
-    """Deal groups to ``n_jobs`` shards of about equal weight (largest first)."""
-    if n_jobs == 1:
-        return [groups]
-    shards = [[] for _ in range(n_jobs)]
-    load = np.zeros(n_jobs)
-    for g in np.argsort(weights, kind="stable")[::-1]:
-        j = int(np.argmin(load))
-        shards[j].append(groups[g])
-        load[j] += weights[g]
-    return [s for s in shards if s]
-
-
 def _group_pairs(pair_queries, pair_cells):
     """Pairs grouped by cell: [(cell, sorted queries)] and their sizes."""
     if not len(pair_cells):
@@ -569,7 +525,7 @@ def _group_pairs(pair_queries, pair_cells):
     return [(int(cells[s]), queries[s:e]) for s, e in zip(starts, ends, strict=True)]
 
 
-def _scan_grouped(tables, cell_bias, ivf, pairs, k, n_jobs):
+def _scan_grouped(tables, cell_bias, ivf, pairs, k):
     """Batch scan: each probed cell read once for all queries probing it.
 
     Two passes: each query's best cell first (its ``k``-th value there is its
@@ -579,7 +535,7 @@ def _scan_grouped(tables, cell_bias, ivf, pairs, k, n_jobs):
     """
     pair_queries, pair_cells, best = pairs
     n_queries = tables.shape[0]
-    sizes = ivf.sizes
+    cell_sums = _CellSums(tables, ivf, cell_bias)
     first = pair_cells == best[pair_queries]
     results = []
     thresholds = np.full(n_queries, np.inf, dtype=np.float32)
@@ -594,15 +550,10 @@ def _scan_grouped(tables, cell_bias, ivf, pairs, k, n_jobs):
         groups = _group_pairs(pair_queries[mask], pair_cells[mask])
         if not groups:
             continue
-        weights = np.array([sizes[c] * len(q) for c, q in groups], dtype=np.float64)
-        shards = _split_groups(groups, weights, min(n_jobs, len(groups)))
-        parts = _run_shards(
-            _scan_groups, shards, lambda s: (_CellSums(tables, ivf, cell_bias), ivf, s, k, thr)
-        )
-        for out_q, out_v, out_i, out_kth in parts:
-            results.append((out_q, out_v, out_i))
-            for queries, kth in out_kth:
-                thresholds[queries] = kth
+        out_q, out_v, out_i, out_kth = _scan_groups(cell_sums, ivf, groups, k, thr)
+        results.append((out_q, out_v, out_i))
+        for queries, kth in out_kth:
+            thresholds[queries] = kth
     # (No candidate at all only in a chunk of a database: ``cell_sizes``.)
     qs = np.concatenate([a for out_q, _, _ in results for a in out_q] or [[]])
     vs = np.concatenate([a for _, out_v, _ in results for a in out_v] or [[]])
@@ -832,7 +783,8 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
         Cells scanned per query (more when they hold fewer than
         ``n_neighbors`` items, so that every query gets ``n_neighbors``).
     n_jobs : int, default=None
-        Threads: over cells for batches, over a query's cells for one query.
+        Accepted for the callers' uniformity; the scan runs in the calling
+        thread (see the module notes: threads measured slower).
     add_scores : bool, default=False
         Residual codes: an item's value is its table sum plus its
         ``ivf.item_bias`` plus its cell's coarse score for the query.
@@ -879,12 +831,12 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
         raise ValueError("add_scores=True needs inverted lists with an item_bias.")
     cell_bias = np.asarray(scores, dtype=np.float32) if add_scores else None
     pairs = _select_probes(scores, sizes, n_probe, n_neighbors)
-    n_scanned = int(ivf.sizes[pairs[1]].sum())
-    grouped = n_queries >= _GROUPED_MIN_QUERIES
-    min_work = _search._MIN_SHARD_WORK if grouped else _MIN_ONE_QUERY_WORK
-    n_jobs = max(1, min(effective_n_jobs(n_jobs), n_scanned // min_work))
-    if grouped:
-        values, indices = _scan_grouped(tables, cell_bias, ivf, pairs, n_neighbors, n_jobs)
+    # The scan runs in the calling thread, whatever n_jobs: its work is many
+    # small numpy calls per cell, which hold the GIL between them, and two
+    # threads measured slower than one (one query 1,357 -> 504 q/s, 1,000
+    # queries 3,992 -> 3,480 q/s at n_probe 16 on 1M items).
+    if n_queries >= _GROUPED_MIN_QUERIES:
+        values, indices = _scan_grouped(tables, cell_bias, ivf, pairs, n_neighbors)
     else:
         pair_queries, pair_cells, best = pairs
         bounds = np.searchsorted(pair_queries, np.arange(n_queries + 1))
@@ -896,38 +848,8 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
         budget = max(1, int(get_config()["working_memory"] * 2**20)
                      // (n_subspaces * tables.itemsize + 4 + 4 + 4 + 9))
         budget = min(budget, 2**18)
-        if n_jobs == 1:
-            groups = [np.arange(n_queries)]
-        if n_jobs == 1 or n_queries >= n_jobs:
-            if n_jobs > 1:
-                groups = [g for g in np.array_split(np.arange(n_queries), n_jobs) if len(g)]
-            results = _run_shards(
-                _scan_queries, groups,
-                lambda g: (tables, cell_bias, ivf, probes, g, n_neighbors, budget),
-            )
-            values = np.vstack([v for v, _ in results])
-            indices = np.vstack([i for _, i in results])
-        else:
-            # Fewer queries than threads: each query's best cell first (its
-            # k-th value bounds the rest), then the other cells split among
-            # the threads (the items of a cell never are), each keeping only
-            # what beats that bound.
-            everyone = np.arange(n_queries)
-            first = _scan_queries(tables, cell_bias, ivf, [p[:1] for p in probes], everyone,
-                                  n_neighbors, budget)
-            limits = first[0][:, -1].astype(np.float64)
-            shares = [[np.array_split(p[1:], n_jobs)[t] for p in probes]
-                      for t in range(n_jobs)]
-            results = _run_shards(
-                _scan_queries, list(range(n_jobs)),
-                lambda t: (tables, cell_bias, ivf, shares[t], everyone, n_neighbors, budget,
-                           limits),
-            )
-            values = np.hstack([first[0]] + [v for v, _ in results])
-            ids = np.hstack([first[1]] + [i for _, i in results])
-            order = np.lexsort((ids, values), axis=1)[:, :n_neighbors]
-            values = np.take_along_axis(values, order, 1)
-            indices = np.take_along_axis(ids, order, 1)
+        values, indices = _scan_queries(tables, cell_bias, ivf, probes, np.arange(n_queries),
+                                        n_neighbors, budget)
     if not refine:
         return values, indices
     return _refine(tables, ivf.codes, indices)

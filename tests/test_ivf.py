@@ -18,10 +18,7 @@ from skquant._search import aqd_search
 @pytest.fixture(autouse=True)
 def _shard_small_problems(monkeypatch):
     """Small test databases still exercise the multi-thread split and merge."""
-    from skquant import _ivf
-
     monkeypatch.setattr(_search, "_MIN_SHARD_WORK", 1)
-    monkeypatch.setattr(_ivf, "_MIN_ONE_QUERY_WORK", 1)
 
 
 def _restricted_reference(sums, assignments, scores, n_probe, k):
@@ -346,10 +343,10 @@ def test_nearest_is_the_float64_argmin_even_near_ties(offset):
 
 @pytest.mark.parametrize("residual", [False, True])
 def test_float32_values_do_not_depend_on_path(monkeypatch, residual):
-    # Float tables: every path (torch embedding_bag for cells probed by many
-    # queries, np.take for one or two, the one-query scan, no torch at all)
-    # sums an item's terms in one order, so the selected items and their
-    # float32 values are bitwise the same.
+    # Float tables: every path (database-major sums for cells probed by many
+    # queries, bounded one-query sums for one or two, the one-query scan,
+    # torch importable or not) sums an item's terms in one order, so the
+    # selected items and their float32 values are bitwise the same.
     rng = np.random.default_rng(1)
     M, K, n_items, n_lists, n_queries = 8, 64, 4000, 12, 50
     tables = rng.normal(size=(n_queries, M, K)).astype(np.float32)

@@ -18,10 +18,7 @@ from test_ivf import _restricted_reference
 
 @pytest.fixture(autouse=True)
 def _shard_small_problems(monkeypatch):
-    from skquant import _ivf
-
     monkeypatch.setattr(_search, "_MIN_SHARD_WORK", 1)
-    monkeypatch.setattr(_ivf, "_MIN_ONE_QUERY_WORK", 1)
 
 
 @pytest.fixture(scope="module")
