@@ -371,10 +371,11 @@ class DeepQuantizer(BaseQuantizer):
     without it, 0.854 with it at 60 epochs, 0.856 without it at 120 epochs,
     0.864 with it at 120 epochs (every split better): the harder training
     set needs the longer schedule, so pass ``max_iter=120`` with it.
-    Test (``bench_quality.py --cnn``, 1 thread, with ``max_iter=120``):
-    mAP@all 0.854 -> 0.858, P@1 0.874 -> 0.879, ties at rank 1 0.86 ->
-    0.81, fit 174 s -> 281 s; the classifier row trained the same way
-    scores 0.853 (0.847 without), and the issue's 0.88 is not reached.
+    Test (``bench_quality.py --cnn``, 1 thread, with ``max_iter=120``;
+    baseline from the same session): mAP@all 0.850 -> 0.858, P@1 0.869 ->
+    0.879, ties at rank 1 0.83 -> 0.81, fit 139 s -> 281 s (under load);
+    the classifier row trained the same way 0.849 -> 0.853. The issue's
+    0.88 is not reached.
     With the default MLP (``input_shape=(1, 28, 28)``) it loses,
     validation 0.825 -> 0.779: an MLP cannot share what it learns across
     positions.

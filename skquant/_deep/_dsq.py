@@ -289,11 +289,14 @@ class SphericalQuantizer(BaseQuantizer):
     **Option for image backbones**, not a default: ``augment="shift"``
     (random translations of up to 2 pixels, with ``input_shape``; the
     validation that chose it and why it needs ``max_iter=120`` are in
-    :class:`DeepQuantizer`'s Notes). It does not help
-    ``SphericalQuantizer`` on that benchmark: test (``bench_quality.py
-    --cnn``, 1 thread, with ``max_iter=120``) mAP@all 0.854 -> 0.849, P@1
-    0.873 -> 0.864, ties at rank 1 0.23 -> 0.38, fit 205 s -> 401 s,
-    against 0.853 for the classifier row trained the same way.
+    :class:`DeepQuantizer`'s Notes). Validation
+    (``validate_defaults.py dsq --cnn``, three splits) mAP@all 0.861 ->
+    0.868 with ``max_iter=120`` (every split better), P@1 0.883 -> 0.888;
+    but on the test queries (``bench_quality.py --cnn``, 1 thread,
+    baseline from the same session) it lost: mAP@all 0.856 -> 0.849, P@1
+    0.855 -> 0.864, ties at rank 1 0.38 -> 0.38, fit 159 s -> 401 s
+    (under load), against 0.853 for the classifier row trained the same
+    way (0.849 without).
 
     Only DSQ's abstract could be read; the ``loss="dsq"`` objective is the
     survey's summary and every other choice below is ours (``methods.md``
