@@ -95,7 +95,8 @@ LABELS = {
 # output, trained with cross-entropy alone; the database is ranked by the
 # inner product of its class-probability vectors (per-label sigmoids for
 # multi-label y), in float, uncompressed. Same schedule as DeepQuantizer's
-# defaults (Adam, batch 128, 60 epochs).
+# defaults (Adam, batch 128, 60 epochs); ``--params classifier:augment=shift``
+# trains it on shifted images as the deep quantizers' ``augment="shift"``.
 CLASSIFIER = {"max_iter": 60, "learning_rate": 1e-3, "batch_size": 128,
               "weight_decay": 0.0}
 
@@ -347,6 +348,7 @@ def fit_classifier(X, y, *, seed, device, params):
         make_generator,
         make_optimizer,
         prepare_labels,
+        random_shift,
         resolve_device,
         torch_rng_context,
         torch_seed,
@@ -373,11 +375,16 @@ def fit_classifier(X, y, *, seed, device, params):
             net, learning_rate=cfg["learning_rate"], weight_decay=cfg["weight_decay"]
         )
         gen = make_generator(seed)
+        shift_gen = make_generator(seed + 1)
         lab = labels.to(device)
         for _ in range(cfg["max_iter"]):
             net.train()
             for idx in iter_minibatches(len(X32), cfg["batch_size"], gen):
-                logits = net(Xt[idx].to(device))
+                x = Xt[idx].to(device)
+                if cfg.get("augment") == "shift":
+                    # The deep quantizers' augment="shift", same network.
+                    x = random_shift(x, cfg["input_shape"], generator=shift_gen)
+                logits = net(x)
                 target = lab[idx.to(device)]
                 if multilabel:
                     loss = F.binary_cross_entropy_with_logits(logits, target)

@@ -383,3 +383,22 @@ def test_tie_break_orders_equal_posteriors():
         d, _ = est.kneighbors(X[1200:], n_neighbors=2)
         ties.append(np.mean(d[:, 0] == d[:, 1]))
     assert ties[1] < ties[0], ties
+
+
+def test_shift_augmentation():
+    # augment="shift" trains on translated images: a different fit from the
+    # same seed, still a working model; it needs the image layout.
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:200], y[:200]
+    params = {**FAST, "input_shape": (1, 8, 8)}
+    plain = DeepQuantizer(**params).fit(X, y)
+    shifted = DeepQuantizer(**{**params, "augment": "shift"}).fit(X, y)
+    assert shifted.transform(X).shape == (200, 8)
+    assert not np.allclose(plain.transform(X), shifted.transform(X))
+    # No augmentation: the same fit as without the parameter.
+    same = DeepQuantizer(**{**params, "augment": None}).fit(X, y)
+    np.testing.assert_array_equal(plain.transform(X), same.transform(X))
+    with pytest.raises(ValueError, match="input_shape"):
+        DeepQuantizer(**{**FAST, "augment": "shift"}).fit(X, y)
+    with pytest.raises(ValueError, match="augment"):
+        DeepQuantizer(**{**params, "augment": "flip"}).fit(X, y)

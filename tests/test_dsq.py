@@ -268,3 +268,19 @@ def test_invalid_loss_parameters(digits, params, match):
     X, y, train, _, _ = digits
     with pytest.raises(ValueError, match=match):
         SphericalQuantizer(**dict(SMALL, **params)).fit(X[train[:50]], y[train[:50]])
+
+
+def test_shift_augmentation(digits):
+    # augment="shift" trains on translated images: a different fit from the
+    # same seed, still a working model; it needs the image layout.
+    X, y, train, query, _ = digits
+    params = dict(SMALL, input_shape=(1, 8, 8), n_codewords=16)
+    plain = SphericalQuantizer(**params).fit(X[train[:200]], y[train[:200]])
+    shifted = SphericalQuantizer(**dict(params, augment="shift"))
+    shifted.fit(X[train[:200]], y[train[:200]])
+    assert shifted.transform(X[query[:3]]).shape == (3, 4)
+    assert not np.allclose(plain.transform(X[query]), shifted.transform(X[query]))
+    with pytest.raises(ValueError, match="input_shape"):
+        SphericalQuantizer(**dict(SMALL, augment="shift")).fit(X[train[:50]], y[train[:50]])
+    with pytest.raises(ValueError, match="augment"):
+        SphericalQuantizer(**dict(params, augment="flip")).fit(X[train[:50]], y[train[:50]])

@@ -28,6 +28,7 @@ from skquant._deep._torch import (
     make_generator,
     make_optimizer,
     prepare_labels,
+    random_shift,
     resolve_device,
     torch_rng_context,
     torch_seed,
@@ -249,6 +250,39 @@ def test_check_input_shape():
     assert check_input_shape([1, 2, 3], 6) == (1, 2, 3)
     with pytest.raises(ValueError, match="product of input_shape"):
         check_input_shape((3, 8, 8), 64)
+
+
+def _shifted(image, dy, dx):
+    """numpy reference: ``image`` (C, H, W) moved down dy, right dx, 0 fill."""
+    out = np.zeros_like(image)
+    H, W = image.shape[-2:]
+    src_y, dst_y = slice(max(-dy, 0), H - max(dy, 0)), slice(max(dy, 0), H - max(-dy, 0))
+    src_x, dst_x = slice(max(-dx, 0), W - max(dx, 0)), slice(max(dx, 0), W - max(-dx, 0))
+    out[:, dst_y, dst_x] = image[:, src_y, src_x]
+    return out
+
+
+def test_random_shift_is_an_exact_translation_of_each_image():
+    # Every output image is the input moved by one whole-pixel (dy, dx) with
+    # |dy|, |dx| <= 2 and zeros moved in; strictly positive distinct inputs
+    # make the shift that matches unique.
+    shape = (2, 7, 9)
+    rng = np.random.RandomState(0)
+    X = rng.uniform(1.0, 2.0, size=(200, 2 * 7 * 9)).astype(np.float32)
+    out = random_shift(torch.from_numpy(X), shape, generator=make_generator(0)).numpy()
+    assert out.shape == X.shape and out.dtype == X.dtype
+    seen = set()
+    for x, o in zip(X.reshape(-1, *shape), out.reshape(-1, *shape), strict=True):
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                   if np.array_equal(o, _shifted(x, dy, dx))]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert len(seen) == 25  # every shift in [-2, 2]^2 is drawn
+    # Reproducible for a seeded generator; no shift returns the input.
+    again = random_shift(torch.from_numpy(X), shape, generator=make_generator(0))
+    assert np.array_equal(again.numpy(), out)
+    assert torch.equal(random_shift(torch.from_numpy(X), shape, max_shift=0),
+                       torch.from_numpy(X))
 
 
 # --------------------------------------------------------------------------- #

@@ -35,7 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.sparsefuncs import mean_variance_axis
 from torch import nn
 
@@ -52,11 +52,13 @@ __all__ = [
     "embed",
     "inference_dtype",
     "inference_device",
+    "check_augment",
     "iter_minibatches",
     "make_generator",
     "make_optimizer",
     "minibatch",
     "prepare_labels",
+    "random_shift",
     "resolve_device",
     "torch_rng_context",
     "torch_seed",
@@ -82,6 +84,7 @@ NETWORK_PARAMETER_CONSTRAINTS = {
     "learning_rate": [Interval(Real, 0, None, closed="neither")],
     "weight_decay": [Interval(Real, 0, None, closed="left")],
     "weight_averaging": [Interval(Real, 0, 1, closed="both")],
+    "augment": [None, StrOptions({"shift"})],
     "dropout": [Interval(Real, 0, 1, closed="left")],
     "device": [str, torch.device],
     "random_state": ["random_state"],
@@ -735,6 +738,76 @@ def minibatch(rows, idx, device):
     if isinstance(rows, torch.Tensor):
         return rows[idx].to(device, non_blocking=True)
     return torch.from_numpy(dense_rows(rows[idx.numpy()])).to(device)
+
+
+# Largest translation, in pixels, of ``augment="shift"``.
+SHIFT_PIXELS = 2
+
+
+def check_augment(augment, input_shape):
+    """Validate ``augment`` against ``input_shape`` (estimators' ``fit``).
+
+    Raises
+    ------
+    ValueError
+        ``augment="shift"`` without an ``input_shape`` of at least two
+        spatial axes: translations need an image layout.
+    """
+    if augment == "shift" and (input_shape is None or len(tuple(input_shape)) < 2):
+        raise ValueError(
+            "augment='shift' translates images, so it needs input_shape with "
+            "the image layout, e.g. (1, 28, 28) or (3, 32, 32); got "
+            f"input_shape={input_shape!r}."
+        )
+
+
+def random_shift(x, input_shape, max_shift=SHIFT_PIXELS, generator=None):
+    """Translate each image of a flat batch by a random whole number of pixels.
+
+    Each row of ``x`` is read as an image of ``input_shape`` (the last two
+    axes are height and width) and moved by ``(dy, dx)``, each drawn
+    uniformly from ``-max_shift, ..., max_shift`` per row; pixels moved in
+    from outside the image are 0 (the background of raw, unstandardised
+    inputs, as ``RandomCrop(padding=max_shift)`` of torchvision).
+
+    Parameters
+    ----------
+    x : torch.Tensor of shape (b, prod(input_shape))
+        Raw rows (before the network's standardisation).
+    input_shape : tuple of int
+        At least two axes.
+    max_shift : int, default=SHIFT_PIXELS
+    generator : torch.Generator or None
+        CPU generator of the shifts.
+
+    Returns
+    -------
+    shifted : torch.Tensor, same shape, dtype and device as ``x``
+
+    Examples
+    --------
+    >>> x = torch.arange(1.0, 10.0).reshape(1, 9)  # one 3x3 image
+    >>> g = make_generator(0)
+    >>> random_shift(x, (3, 3), max_shift=0, generator=g).equal(x)
+    True
+    """
+    b = x.shape[0]
+    shape = tuple(int(s) for s in input_shape)
+    h, w = shape[-2], shape[-1]
+    s = int(max_shift)
+    if s == 0 or b == 0:
+        return x
+    images = x.reshape(b, -1, h, w)
+    padded = nn.functional.pad(images, (s, s, s, s))
+    # Top-left corner of each crop in the padded image: s - shift.
+    offsets = torch.randint(0, 2 * s + 1, (2, b), generator=generator)
+    offsets = offsets.to(x.device)
+    rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # (b, h)
+    cols = offsets[1][:, None] + torch.arange(w, device=x.device)  # (b, w)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    channel = torch.arange(images.shape[1], device=x.device)[None, :, None, None]
+    out = padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+    return out.reshape(x.shape)
 
 
 def iter_minibatches(n_samples, batch_size, generator=None):
