@@ -252,7 +252,12 @@ class DeepQuantizer(BaseQuantizer):
         times as many items and on request by :meth:`train_inverted_file`,
         without refitting the network); a query scans only the items of its
         ``n_probe`` nearest cells. ``None`` scans the whole database. At most
-        the number of indexed items (not of training items).
+        the number of indexed items (not of training items). The items keep
+        their own (direct) codes; for a database of a million items or
+        more, residual codes of the embedding rank better (see the user
+        guide, "Supervised codes for a million items": a
+        :class:`~skquant.pipeline.QuantizerPipeline` of this estimator and
+        ``ProductQuantizer(n_lists=...)``).
     n_probe : int, default=8
         Cells scanned per query when ``n_lists`` is set; can be changed after
         fitting with :meth:`set_params`. ``n_probe >= n_lists`` gives exactly
