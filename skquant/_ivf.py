@@ -386,13 +386,17 @@ class _CellSums:
             self._block = (queries, np.ascontiguousarray(self.flat_tables[queries].T))
         return self._block[1]
 
+    @property
+    def table_bounds(self):
+        """:func:`_table_bounds` of every query's tables, computed once."""
+        if self._bounds is None:
+            self._bounds = _table_bounds(self.tables)
+        return self._bounds
+
     def below(self, q, cell, a, b, threshold):
         """Items ``a:b`` (of ``cell``) worth at most ``threshold`` to query
         ``q``: ``(values, positions from a)``, by :func:`_prune_and_finish`."""
-        if self._bounds is None:
-            self._bounds = (self.tables.min(axis=2).astype(np.float64),
-                            np.abs(self.tables).max(axis=2).sum(axis=1, dtype=np.float64))
-        table_mins, table_abs = self._bounds
+        table_mins, table_abs = self.table_bounds
         item_bias = cell_term = None
         if self.bias is not None:
             item_bias, cell_term = self.bias[a:b], self.cell_bias[q, cell]
@@ -421,9 +425,20 @@ class _CellSums:
         return acc
 
 
-def _cell_lower_bounds(tables, cell_bias, ivf, queries, cells):
+def _table_bounds(tables):
+    """Per query: its tables' row minima, float64 ``(..., M)``, and the sum of
+    their rows' largest magnitudes, float64 ``(...)`` (the scale of the
+    rounding slack of a sum of look-ups)."""
+    return (tables.min(axis=-1).astype(np.float64),
+            np.abs(tables).max(axis=-1).sum(axis=-1, dtype=np.float64))
+
+
+def _cell_lower_bounds(scores, cells, table_min, table_abs, ivf, n_subspaces):
     """Residual codes: a lower bound on every item value of cell ``cells[i]``
-    for query ``queries[i]``, and the rounding slack to allow it, float64.
+    for a query whose coarse score for it is ``scores[i]`` (float32), and
+    the rounding slack to allow it, float64. ``table_min`` (the sum of the
+    query's table row minima) and ``table_abs`` (:func:`_table_bounds`) are
+    per pair or one query's scalars.
 
     An item of cell ``c`` is worth ``S + b + s_c`` (table sum, item bias,
     the cell's coarse score for the query), and ``S`` is at least the sum of
@@ -435,19 +450,13 @@ def _cell_lower_bounds(tables, cell_bias, ivf, queries, cells):
     largest magnitudes, the cell's largest bias and the coarse score) with a
     4x margin.
     """
-    n_subspaces = tables.shape[1]
     lowest, largest = ivf.bias_bounds
-    rows = np.unique(queries)
-    table_min = np.zeros(tables.shape[0])
-    table_abs = np.zeros(tables.shape[0])
-    table_min[rows] = tables[rows].min(axis=2).sum(axis=1, dtype=np.float64)
-    table_abs[rows] = np.abs(tables[rows]).max(axis=2).sum(axis=1, dtype=np.float64)
-    scores = cell_bias[queries, cells].astype(np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
     bounds = scores + lowest[cells]
-    bounds += table_min[queries]
+    bounds += table_min
     slack = np.abs(scores)
     slack += largest[cells]
-    slack += table_abs[queries]
+    slack += table_abs
     slack *= (n_subspaces + 3) * 2.0**-22
     return bounds, slack
 
@@ -544,7 +553,9 @@ def _scan_grouped(tables, cell_bias, ivf, pairs, k):
         if thr is not None and cell_bias is not None:
             # Skip the (query, cell) pairs whose cell cannot hold a result.
             q, c = pair_queries[mask], pair_cells[mask]
-            bounds, slack = _cell_lower_bounds(tables, cell_bias, ivf, q, c)
+            table_mins, table_abs = cell_sums.table_bounds
+            bounds, slack = _cell_lower_bounds(cell_bias[q, c], c, table_mins.sum(axis=1)[q],
+                                               table_abs[q], ivf, tables.shape[1])
             useful = _may_hold_results(bounds, slack, thr[q].astype(np.float64))
             mask[np.flatnonzero(mask)[~useful]] = False
         groups = _group_pairs(pair_queries[mask], pair_cells[mask])
@@ -582,13 +593,11 @@ def _topk_by_query(qs, vs, ids, n_queries, k):
     return vs[keep], ids[keep]
 
 
-def _scan_one(tables, cell_bias, ivf, cells, q, k, budget, limit=np.inf):
+def _scan_one(tables, cell_bias, ivf, cells, q, k, budget):
     """Top-k of query ``q`` over ``cells``: the first cell alone, then the
     others' codes concatenated, scanned in chunks of about ``budget`` items.
     Returns (values, original indices), sentinel-padded when the cells hold
-    fewer than k items (or fewer at most ``limit``: a known upper bound on
-    the query's k-th value, e.g. from its best cell scanned by another
-    thread; only items at or below it are kept).
+    fewer than k items.
 
     Lean on purpose: a single query's whole search is a few hundred
     microseconds, so a cell read alone is a view (no concatenation) and its
@@ -610,26 +619,15 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget, limit=np.inf):
     nonempty = ends > starts
     if not nonempty.all():
         starts, ends, cells = starts[nonempty], ends[nonempty], cells[nonempty]
-    table_mins = table.min(axis=1).astype(np.float64)
-    table_abs = float(np.abs(table).max(axis=1).sum(dtype=np.float64))
-
-    def useful_cells(cells, threshold):
-        """Mask of the cells that may hold an item at or below ``threshold``."""
-        if bias is None or not len(cells):
-            return np.ones(len(cells), dtype=bool)
-        bounds, slack = _cell_lower_bounds(tables, cell_bias, ivf, np.full(len(cells), q), cells)
-        return _may_hold_results(bounds, slack, threshold)
-
-    if np.isfinite(limit):
-        keep = useful_cells(cells, limit)
-        starts, ends, cells = starts[keep], ends[keep], cells[keep]
+    table_mins, table_abs = _table_bounds(table)
+    table_abs = float(table_abs)
     lengths = ends - starts
     chunk_ends = np.cumsum(lengths)
-    threshold = min(float(best_v[-1]), limit)
+    threshold = np.inf
     c0 = 0
     while c0 < len(cells):
         full = np.isfinite(threshold)
-        # Cells c0:c1 hold at most ``limit`` items (at least one cell): a
+        # Cells c0:c1 hold at most ``size`` items (at least one cell): a
         # small first chunk gives the running k-th value, after which a
         # chunk costs a compare instead of a partition.
         size = budget if full else min(budget, max(64 * k, 4096))
@@ -687,19 +685,18 @@ def _scan_one(tables, cell_bias, ivf, cells, q, k, budget, limit=np.inf):
             ids = np.concatenate([best_i, order[pos]])
             keep = np.lexsort((ids, values))[:k]
             best_v, best_i = values[keep], ids[keep]
-            threshold = min(float(best_v[-1]), limit)
-        if c0 == 0 and not full and np.isfinite(threshold) and len(cells) > 1:
+            threshold = float(best_v[-1])
+        if c0 == 0 and np.isfinite(threshold) and bias is not None and len(cells) > 1:
             # Skip the other cells that cannot hold a result.
-            keep = np.concatenate([[True], useful_cells(cells[1:], threshold)])
+            rest = cells[1:]
+            bounds, slack = _cell_lower_bounds(cell_bias[q, rest], rest, table_mins.sum(),
+                                               table_abs, ivf, n_subspaces)
+            keep = np.concatenate([[True], _may_hold_results(bounds, slack, threshold)])
             if not keep.all():
                 cells, starts, ends = cells[keep], starts[keep], ends[keep]
                 lengths = ends - starts
                 chunk_ends = np.cumsum(lengths)
         c0 = c1
-    if np.isfinite(limit):
-        # (Only entries at or below the limit; the rest are sentinels.)
-        beyond = best_v > limit
-        best_v[beyond], best_i[beyond] = np.inf, np.iinfo(np.intp).max
     return best_v, best_i
 
 
@@ -754,14 +751,12 @@ def _prune_and_finish(table, cols, item_bias, cell_term, threshold, table_mins, 
     return values[keep], alive[keep]
 
 
-def _scan_queries(tables, cell_bias, ivf, probes, queries, k, budget, limits=None):
-    """One-query-at-a-time scan of ``queries`` over their cells ``probes[q]``
-    (``limits[q]``: see :func:`_scan_one`)."""
+def _scan_queries(tables, cell_bias, ivf, probes, queries, k, budget):
+    """One-query-at-a-time scan of ``queries`` over their cells ``probes[q]``."""
     out_v = np.empty((len(queries), k), dtype=np.float32)
     out_i = np.empty((len(queries), k), dtype=np.intp)
     for r, q in enumerate(queries):
-        limit = np.inf if limits is None else limits[q]
-        out_v[r], out_i[r] = _scan_one(tables, cell_bias, ivf, probes[q], q, k, budget, limit)
+        out_v[r], out_i[r] = _scan_one(tables, cell_bias, ivf, probes[q], q, k, budget)
     return out_v, out_i
 
 

@@ -426,7 +426,9 @@ def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
     # The bound holds: no item of a cell is worth less than its bound (less
     # the slack), for every query and cell.
     pair_q, pair_c = np.divmod(np.arange(n_queries * n_lists), n_lists)
-    bounds, slack = original_bounds(tables, scores.astype(np.float32), lists, pair_q, pair_c)
+    table_min, table_abs = _ivf._table_bounds(tables)
+    bounds, slack = original_bounds(scores.astype(np.float32)[pair_q, pair_c], pair_c,
+                                    table_min.sum(axis=1)[pair_q], table_abs[pair_q], lists, M)
     bounds, slack = bounds.reshape(n_queries, n_lists), slack.reshape(n_queries, n_lists)
     cell_min = np.stack([values[:, lists.assignments == c].min(axis=1)
                          for c in range(n_lists)], axis=1)
@@ -453,7 +455,7 @@ def test_cell_lower_bound_is_tight_with_one_codeword():
     # With one codeword per codebook every item's table sum is the sum of
     # the tables' minima, so the bound is each cell's lowest item value (up
     # to the rounding slack): a bound too high by any margin fails here.
-    from skquant._ivf import _cell_lower_bounds
+    from skquant._ivf import _cell_lower_bounds, _table_bounds
 
     rng = np.random.default_rng(4)
     n_items, n_lists, n_queries, M = 500, 9, 6, 4
@@ -464,7 +466,9 @@ def test_cell_lower_bound_is_tight_with_one_codeword():
     tables = rng.normal(size=(n_queries, M, 1)).astype(np.float32)
     cell_bias = rng.normal(scale=10.0, size=(n_queries, n_lists)).astype(np.float32)
     pair_q, pair_c = np.divmod(np.arange(n_queries * n_lists), n_lists)
-    bounds, slack = _cell_lower_bounds(tables, cell_bias, lists, pair_q, pair_c)
+    table_min, table_abs = _table_bounds(tables)
+    bounds, slack = _cell_lower_bounds(cell_bias[pair_q, pair_c], pair_c,
+                                       table_min.sum(axis=1)[pair_q], table_abs[pair_q], lists, M)
     bounds, slack = bounds.reshape(n_queries, n_lists), slack.reshape(n_queries, n_lists)
     values = tables.sum(axis=(1, 2), dtype=np.float64)[:, None] + bias + cell_bias[:, assignments]
     cell_min = np.stack([values[:, assignments == c].min(axis=1) for c in range(n_lists)], axis=1)
