@@ -8,7 +8,7 @@ import pytest
 from sklearn import config_context
 from sklearn.datasets import make_blobs
 
-from skquant import ProductQuantizer, _search
+from skquant import ProductQuantizer, _ivf, _search
 from skquant._additive import inner_product_tables
 from skquant._index import QuantizedIndex, train_coarse_quantizer
 from skquant._ivf import InvertedLists, assign_lists, coarse_scores, ivf_search
@@ -19,6 +19,7 @@ from skquant._search import aqd_search
 def _shard_small_problems(monkeypatch):
     """Small test databases still exercise the multi-thread split and merge."""
     monkeypatch.setattr(_search, "_MIN_SHARD_WORK", 1)
+    monkeypatch.setattr(_ivf, "_MIN_THREAD_ITEMS", 1)
 
 
 def _restricted_reference(sums, assignments, scores, n_probe, k):
@@ -343,10 +344,9 @@ def test_nearest_is_the_float64_argmin_even_near_ties(offset):
 
 @pytest.mark.parametrize("residual", [False, True])
 def test_float32_values_do_not_depend_on_path(monkeypatch, residual):
-    # Float tables: every path (database-major sums for cells probed by many
-    # queries, bounded one-query sums for one or two, the one-query scan,
-    # torch importable or not) sums an item's terms in one order, so the
-    # selected items and their float32 values are bitwise the same.
+    # Float tables: the scan sums an item's terms in one order whatever the
+    # batch, the threads and the bounds, so the selected items and their
+    # float32 values are bitwise the same as one query at a time.
     rng = np.random.default_rng(1)
     M, K, n_items, n_lists, n_queries = 8, 64, 4000, 12, 50
     tables = rng.normal(size=(n_queries, M, K)).astype(np.float32)
@@ -370,19 +370,18 @@ def test_float32_values_do_not_depend_on_path(monkeypatch, residual):
         expected = expected + bias[batch[1]]
         expected = expected + scores.astype(np.float32)[rows, assignments[batch[1]]]
     np.testing.assert_array_equal(batch[0], expected)
-    monkeypatch.setattr(_search, "_torch_embedding_bag", lambda: None)
-    no_torch = ivf_search(tables, scores, ivf, 10, **kwargs)
-    np.testing.assert_array_equal(batch[0], no_torch[0])
-    np.testing.assert_array_equal(batch[1], no_torch[1])
+    threads = ivf_search(tables, scores, ivf, 10, n_jobs=2, **kwargs)
+    np.testing.assert_array_equal(batch[0], threads[0])
+    np.testing.assert_array_equal(batch[1], threads[1])
 
 
 def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
     # Residual codes of clustered data: most probed cells are far from a
-    # query and skipped by their lower bound (batch and one-query scans
-    # alike); the result is still exactly the top-k by (float32 value,
-    # index) over all the probed cells, computed here by brute force in the
-    # scan's order of additions.
-    from skquant import _ivf
+    # query and skipped by their lower bound, and most items of the others
+    # by the bound after their first terms; the result is still exactly the
+    # top-k by (float32 value, index) over all the probed cells, computed
+    # here by brute force in the scan's order of additions.
+    from skquant import _ivf_scan
 
     rng = np.random.default_rng(3)
     # K * M > 256: flat table offsets beyond the codes' uint8 range.
@@ -398,25 +397,15 @@ def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
     index = pq.index_
     tables, scores = index._residual_tables(Q)
     lists = index.inverted_lists()
-    calls = []
-    original = _ivf._may_hold_results
-    original_bounds = _ivf._cell_lower_bounds
+    saved = []
+    original = _ivf_scan.scan_queries
 
     def spy(*args):
-        useful = original(*args)
-        calls.append(np.count_nonzero(~np.asarray(useful)))
-        return useful
+        skipped_cells, cut_items = original(*args)
+        saved.append((skipped_cells, cut_items))
+        return skipped_cells, cut_items
 
-    monkeypatch.setattr(_ivf, "_may_hold_results", spy)
-    pruned = []
-    original_prune = _ivf._prune_and_finish
-
-    def prune_spy(*args):
-        values, positions = original_prune(*args)
-        pruned.append(len(args[1][0]))
-        return values, positions
-
-    monkeypatch.setattr(_ivf, "_prune_and_finish", prune_spy)
+    monkeypatch.setattr(_ivf_scan, "scan_queries", spy)
     codes, bias = lists.codes, lists.item_bias.astype(np.float32)
     values = tables[:, 0, codes[:, 0]]
     for m in range(1, M):
@@ -425,14 +414,14 @@ def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
     values = values + scores.astype(np.float32)[:, lists.assignments]
     # The bound holds: no item of a cell is worth less than its bound (less
     # the slack), for every query and cell.
-    pair_q, pair_c = np.divmod(np.arange(n_queries * n_lists), n_lists)
-    table_min, table_abs = _ivf._table_bounds(tables)
-    bounds, slack = original_bounds(scores.astype(np.float32)[pair_q, pair_c], pair_c,
-                                    table_min.sum(axis=1)[pair_q], table_abs[pair_q], lists, M)
-    bounds, slack = bounds.reshape(n_queries, n_lists), slack.reshape(n_queries, n_lists)
-    cell_min = np.stack([values[:, lists.assignments == c].min(axis=1)
-                         for c in range(n_lists)], axis=1)
-    assert (bounds - slack <= cell_min).all()
+    lowest, largest = lists.bias_bounds
+    for q in range(n_queries):
+        table_min, _, table_abs = _ivf_scan._table_stats(tables[q], 1)
+        for c in range(n_lists):
+            bound, slack = _ivf_scan.cell_lower_bound(
+                float(np.float32(scores[q, c])), lowest[c], largest[c], table_min,
+                table_abs, M)
+            assert bound - slack <= values[q, lists.assignments == c].min()
     for n_probe in (3, n_lists):
         probed = np.argsort(scores, axis=1, kind="stable")[:, :n_probe]
         masked = np.where(
@@ -440,22 +429,24 @@ def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
         )
         expected = np.argsort(masked, axis=1, kind="stable")[:, :k]
         for batch in (Q, Q[:1]):
-            calls.clear()
-            got_v, got_i = ivf_search(tables[: len(batch)], scores[: len(batch)], lists, k,
-                                      n_probe=n_probe, add_scores=True, refine=False)
-            np.testing.assert_array_equal(got_i, expected[: len(batch)])
-            np.testing.assert_array_equal(
-                got_v, np.take_along_axis(values[: len(batch)], got_i, 1))
-            if n_probe == n_lists:
-                assert sum(calls) > 0  # cells were skipped
-    assert pruned  # the one-query scan bounded items too
+            for n_jobs in (None, 2):
+                saved.clear()
+                got_v, got_i = ivf_search(tables[: len(batch)], scores[: len(batch)], lists,
+                                          k, n_probe=n_probe, add_scores=True, refine=False,
+                                          n_jobs=n_jobs)
+                np.testing.assert_array_equal(got_i, expected[: len(batch)])
+                np.testing.assert_array_equal(
+                    got_v, np.take_along_axis(values[: len(batch)], got_i, 1))
+                assert sum(c for _, c in saved) > 0  # items were cut after a few terms
+                if n_probe == n_lists:
+                    assert sum(s for s, _ in saved) > 0  # cells were skipped
 
 
 def test_cell_lower_bound_is_tight_with_one_codeword():
     # With one codeword per codebook every item's table sum is the sum of
     # the tables' minima, so the bound is each cell's lowest item value (up
     # to the rounding slack): a bound too high by any margin fails here.
-    from skquant._ivf import _cell_lower_bounds, _table_bounds
+    from skquant._ivf_scan import _table_stats, cell_lower_bound
 
     rng = np.random.default_rng(4)
     n_items, n_lists, n_queries, M = 500, 9, 6, 4
@@ -465,12 +456,38 @@ def test_cell_lower_bound_is_tight_with_one_codeword():
     lists = InvertedLists(codes, assignments, n_lists, item_bias=bias)
     tables = rng.normal(size=(n_queries, M, 1)).astype(np.float32)
     cell_bias = rng.normal(scale=10.0, size=(n_queries, n_lists)).astype(np.float32)
-    pair_q, pair_c = np.divmod(np.arange(n_queries * n_lists), n_lists)
-    table_min, table_abs = _table_bounds(tables)
-    bounds, slack = _cell_lower_bounds(cell_bias[pair_q, pair_c], pair_c,
-                                       table_min.sum(axis=1)[pair_q], table_abs[pair_q], lists, M)
-    bounds, slack = bounds.reshape(n_queries, n_lists), slack.reshape(n_queries, n_lists)
+    lowest, largest = lists.bias_bounds
     values = tables.sum(axis=(1, 2), dtype=np.float64)[:, None] + bias + cell_bias[:, assignments]
-    cell_min = np.stack([values[:, assignments == c].min(axis=1) for c in range(n_lists)], axis=1)
-    assert (np.abs(bounds - cell_min) <= slack).all()
-    assert (slack < 1e-3).all()
+    for q in range(n_queries):
+        table_min, _, table_abs = _table_stats(tables[q], 1)
+        for c in range(n_lists):
+            bound, slack = cell_lower_bound(float(cell_bias[q, c]), lowest[c], largest[c],
+                                            table_min, table_abs, M)
+            assert abs(bound - values[q, assignments == c].min()) <= slack
+            assert slack < 1e-3
+
+
+def test_queries_shared_between_threads(monkeypatch):
+    # n_jobs threads each scan a share of the queries (the compiled scan
+    # releases the GIL); one query, or little work, stays in one thread.
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 16, size=(2000, 4)).astype(np.uint8)
+    ivf = InvertedLists(codes, rng.integers(0, 10, size=2000), 10)
+    tables = rng.normal(size=(40, 4, 16)).astype(np.float32)
+    scores = rng.normal(size=(40, 10))
+    shards = []
+    original = _ivf._run_shards
+
+    def spy(func, parts, args_of):
+        shards.append(len(parts))
+        return original(func, parts, args_of)
+
+    monkeypatch.setattr(_ivf, "_run_shards", spy)
+    expected = ivf_search(tables, scores, ivf, 5, n_probe=3)
+    got = ivf_search(tables, scores, ivf, 5, n_probe=3, n_jobs=2)
+    np.testing.assert_array_equal(got[1], expected[1])
+    assert shards == [1, 8]  # four ranges per thread
+    ivf_search(tables[:1], scores[:1], ivf, 5, n_probe=3, n_jobs=2)
+    monkeypatch.setattr(_ivf, "_MIN_THREAD_ITEMS", 10**9)
+    ivf_search(tables, scores, ivf, 5, n_probe=3, n_jobs=2)
+    assert shards[2:] == [1, 1]

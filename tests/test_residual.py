@@ -9,11 +9,10 @@ import pytest
 import scipy.sparse as sp
 from sklearn import config_context
 from sklearn.datasets import make_blobs
+from test_ivf import _restricted_reference
 
 from skquant import ProductQuantizer, _search
 from skquant._ivf import InvertedLists, coarse_scores, ivf_search
-
-from test_ivf import _restricted_reference
 
 
 @pytest.fixture(autouse=True)
