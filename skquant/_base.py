@@ -727,20 +727,23 @@ class BaseQuantizer(
 
         n_probe = self._n_probe()
         index, quantizer = self.index_, self.quantizer_
-        # A chunk of queries holds its lookup tables three times over (the
-        # float64 intermediates of the table build, the float32 tables, the
-        # engine's transposed copy: 24 bytes per entry), embeddings, coarse
-        # scores and results.
-        row_bytes = 24 * quantizer.n_codebooks * quantizer.n_codewords + 8 * quantizer.dim
-        row_bytes += 16 * n_neighbors + (0 if n_probe is None else 4 * index.n_lists)
-        if index.by_residual:
-            # Coarse scores, and the winners' exact float64 distances.
-            row_bytes += 8 * index.n_lists + 16 * n_neighbors * quantizer.dim
         neigh_dist = np.empty((n_queries, n_neighbors), dtype=np.float64)
         neigh_ind = np.empty((n_queries, n_neighbors), dtype=np.intp)
-        # Even chunks: a remainder of a few queries would take the single-query
-        # kernel, whose pair-code cache is extra memory the batch kernel avoids.
-        n_chunks = -(-n_queries // rows_per_chunk(row_bytes))
+        n_chunks = 1
+        if n_queries > 1:  # (one query is one chunk: spare its microseconds)
+            # A chunk of queries holds its lookup tables three times over (the
+            # float64 intermediates of the table build, the float32 tables, the
+            # engine's transposed copy: 24 bytes per entry), embeddings, coarse
+            # scores and results.
+            row_bytes = 24 * quantizer.n_codebooks * quantizer.n_codewords + 8 * quantizer.dim
+            row_bytes += 16 * n_neighbors + (0 if n_probe is None else 4 * index.n_lists)
+            if index.by_residual:
+                # Coarse scores, and the winners' exact float64 distances.
+                row_bytes += 8 * index.n_lists + 16 * n_neighbors * quantizer.dim
+            # Even chunks: a remainder of a few queries would take the
+            # single-query kernel, whose pair-code cache is extra memory the
+            # batch kernel avoids.
+            n_chunks = -(-n_queries // rows_per_chunk(row_bytes))
         # (gen_even_slices's parameter validation costs ~50 us a call.)
         bounds = [n_queries * i // n_chunks for i in range(n_chunks + 1)]
         for start, stop in zip(bounds[:-1], bounds[1:], strict=True):

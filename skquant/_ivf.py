@@ -21,7 +21,7 @@ Two kinds of codes share the scan (see :class:`~skquant._index.QuantizedIndex`):
   exact decomposition of ``||q - c - r||^2`` up to ``||q||^2``.
 
 The scan (``benchmarks/bench_search.py --ivf`` measures it against faiss) is
-one compiled loop per query (:mod:`skquant._ivf_scan`: its notes say why
+one compiled loop per query (:mod:`skquant._scan_loop`: its notes say why
 numba, and how its bounds skip cells and items without changing a result):
 the query's best cell first, then its other probed cells, its ``k`` best
 items kept in a heap by ``(value, original index)``. Every item's value is
@@ -255,7 +255,7 @@ class InvertedLists:
     def bias_bounds(self):
         """``(lowest, largest magnitude)`` of the item bias in each cell,
         (n_lists,) float64 each (``+inf`` and 0 for an empty cell): what
-        :func:`skquant._ivf_scan.cell_lower_bound` needs. Built on
+        :func:`skquant._scan_loop.cell_lower_bound` needs. Built on
         first use."""
         if self._bias_bounds is None:
             _, bias = self.stored
@@ -291,6 +291,8 @@ def _select_probes(scores, sizes, n_probe, k):
     n_probe = min(n_probe, n_lists)
     best = np.argmin(scores, axis=1)
     if n_probe == 1:
+        if (sizes[best] >= k).all():  # the common case, without the general steps
+            return np.arange(n_queries + 1, dtype=np.int64), best.astype(np.int64)
         probes = best[:, None]
     else:
         if n_probe < n_lists:
@@ -321,8 +323,9 @@ def _query_shards(n_queries, n_jobs, n_scanned):
     """Query ranges for the threads: one range unless there is enough work
     (``n_scanned`` items in all) to share; a few ranges per thread so that
     an uneven share (cells differ in size) evens out."""
-    n_threads = min(effective_n_jobs(n_jobs), n_queries,
-                    max(1, n_scanned // _MIN_THREAD_ITEMS))
+    if n_queries == 1 or n_scanned < 2 * _MIN_THREAD_ITEMS:
+        return [(0, n_queries)]  # (effective_n_jobs costs microseconds)
+    n_threads = min(effective_n_jobs(n_jobs), n_queries, n_scanned // _MIN_THREAD_ITEMS)
     if n_threads <= 1:
         return [(0, n_queries)]
     bounds = np.linspace(0, n_queries, min(n_queries, 4 * n_threads) + 1).astype(int)
@@ -382,7 +385,7 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
     >>> ivf_search(tables, scores, ivf, 2, n_probe=1)
     (array([[0., 1.]]), array([[0, 1]]))
     """
-    from ._ivf_scan import scan_queries  # numba: imported on first use
+    from ._scan_loop import scan_queries  # numba: imported on first use
 
     tables = np.ascontiguousarray(tables, dtype=np.float32)
     n_queries = tables.shape[0]
@@ -401,9 +404,7 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
         cell_scores = np.ascontiguousarray(scores, dtype=np.float32)
         lowest, largest = ivf.bias_bounds
     else:
-        bias = np.empty(0, dtype=np.float32)
-        cell_scores = np.empty((0, 0), dtype=np.float32)
-        lowest = largest = np.empty(0)
+        bias = cell_scores = lowest = largest = None
     values = np.empty((n_queries, n_neighbors), dtype=np.float32)
     indices = np.empty((n_queries, n_neighbors), dtype=np.intp)
 
@@ -411,7 +412,8 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
         return scan_queries(tables, codes, ivf.order, ivf.offsets, bias, cell_scores, lowest,
                             largest, starts, cells, first, stop, n_neighbors, values, indices)
 
-    shards = _query_shards(n_queries, n_jobs, int(ivf.sizes[cells].sum()))
+    n_scanned = int(ivf.sizes[cells].sum()) if n_queries > 1 else 0
+    shards = _query_shards(n_queries, n_jobs, n_scanned)
     _run_shards(scan, shards, lambda shard: shard)
     if not refine:
         return values, indices

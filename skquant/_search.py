@@ -15,22 +15,21 @@ Kernels (chosen by batch size, measured in ``benchmarks/bench_search.py`` and
 ``shared/research/perf.md``):
 
 * few queries: one query at a time, sub-spaces merged in pairs into
-  ``K**2``-entry tables (half the gathers) read with ``np.take`` on cached
-  ``uint16`` pair codes, contiguous per pair;
+  ``K**2``-entry tables (half the look-ups) read through cached ``uint16``
+  pair codes, in the compiled loop of :mod:`skquant._scan_loop` (a bounded
+  max-heap of the ``k`` best; an item stops after a quarter of its look-ups
+  when the rest cannot bring it under the ``k``-th value);
 * batches: database-major blocks, where each code fetched serves a block of
   queries: the rows ``T[:, m, b].T`` of all queries are gathered into a
   ``(items, queries)`` block, by :func:`torch.nn.functional.embedding_bag` when
   torch is importable (one fused gather-and-sum) and by ``np.take(axis=0)``
   otherwise.
 
-Both use a running-threshold top-k: after the first block only the entries
-below each query's current ``k``-th best value are looked at (a compare and a
-``flatnonzero``, about 10x cheaper than ``argpartition``), and those few are
-merged by ``(value, index)``, so ties go to the lower index.
-
-The per-query kernels run in the calling thread (their many small calls hold
-the GIL between them: two threads measured slower); batches shard the
-database over ``n_jobs`` threads.
+Batches use a running-threshold top-k: after the first block only the
+entries below each query's current ``k``-th best value are looked at (a
+compare and a ``flatnonzero``, about 10x cheaper than ``argpartition``), and
+those few are merged by ``(value, index)``; both kernels break ties by the
+lower index. Both shard the database over ``n_jobs`` threads.
 
 Memory stays bounded whatever the database size: the database is scanned in
 blocks whose scratch fits in ``sklearn.get_config()["working_memory"]`` (per
@@ -67,8 +66,6 @@ _QUERY_BLOCK = 64
 # Below this many queries, the per-query (pair table) kernel is faster than the
 # database-major batch kernel (crossover measured at 8 to 16 queries).
 _BATCH_MIN_QUERIES = 12
-# Items per block of the per-query kernel: 1 MiB float32 accumulators.
-_SINGLE_BLOCK = 2**18
 # Pair tables hold K**2 entries: only worth it while they stay cache-sized.
 _MAX_PAIR_CODEWORDS = 256
 
@@ -346,121 +343,39 @@ def _merge_into(best_values, best_indices, rows, values, indices):
     best_indices[touched] = all_indices[keep]
 
 
-def _select_1d(best, acc, offset, k):
-    """Update one query's running top-k ``best = (values, indices)`` with the
-    block ``acc`` of distances of items ``offset, offset + 1, ...``."""
-    best_values, best_indices = best
-    if len(best_values) < k:
-        # Not k candidates yet: keep the block's k best and their ties.
-        kk = min(k, len(acc))
-        kth = np.partition(acc, kk - 1)[kk - 1]
-        cand = np.flatnonzero(acc <= kth)
-    else:
-        # Strictly below the current k-th value: items scanned later lose ties.
-        cand = np.flatnonzero(acc < best_values[k - 1])
-        if not cand.size:
-            return best
-    values = np.concatenate([best_values, acc[cand]])
-    indices = np.concatenate([best_indices, cand + offset])
-    order = np.lexsort((indices, values))[:k]
-    return values[order], indices[order]
-
-
 # ---------------------------------------------------------------------------
 # Kernels: each scans database items start:stop of one shard and returns the
 # top-k (values, indices) of every query, indices relative to the shard.
 def _pair_tables(tables):
-    """Per-query tables of sub-space pairs, (n_queries, M // 2, K * K) float32,
-    plus the table of the last sub-space when M is odd (or None)."""
+    """Per-query tables of sub-space pairs, (n_queries, M // 2, K * K)
+    float32 (``M`` even): entry ``b0 * K + b1`` of pair ``j`` is
+    ``T[2j, b0] + T[2j + 1, b1]``."""
     n_queries, n_subspaces, n_codewords = tables.shape
-    n_pairs = n_subspaces // 2
-    pairs = tables[:, 0 : 2 * n_pairs : 2, :, None] + tables[:, 1 : 2 * n_pairs : 2, None, :]
-    pairs = pairs.reshape(n_queries, n_pairs, n_codewords * n_codewords)
-    last = tables[:, -1] if n_subspaces % 2 else None
-    return pairs, last
+    pairs = tables[:, 0::2, :, None] + tables[:, 1::2, None, :]
+    return pairs.reshape(n_queries, n_subspaces // 2, n_codewords * n_codewords)
 
 
-def _scan_per_query(columns, extra, codes_t, start, stop, k, block):
-    """Per-query kernel: ``sum_j take(columns[q, j], codes_t[j])`` over item blocks.
+def _scan_per_query(columns, codes_t, k):
+    """Per-query kernel: the compiled scan loop (:mod:`skquant._scan_loop`)
+    over one shard seen as a single cell, one query after the other.
 
-    ``columns`` are (n_queries, J, T) tables indexed by the J rows of ``codes_t``
-    (pair codes or plain codes); ``extra`` is an optional (n_queries, K) table
-    for ``codes_t[J]`` (odd M, pair codes given together with it).
-
-    Once the query has ``k`` candidates, a block sums only its first quarter
-    of the columns; the others add at least their tables' minima, so items
-    whose partial sum already reaches the running ``k``-th value are dropped
-    (with a relative slack far above float32 rounding) and only the few
-    survivors get the rest of their look-ups, pruned again after each one. The survivors' sums are formed
-    in the same order as the full sums, so results do not change.
+    ``columns`` are (n_queries, J, T) float32 tables indexed by the J rows of
+    ``codes_t`` (J, n_items) (pair codes or plain codes). After the query's
+    first ``k`` items, an item sums only the first quarter of its columns
+    unless that, plus the other tables' minima, can still beat the ``k``-th
+    value; survivors finish the same sum in the same order.
     """
-    codes_main, codes_extra = codes_t
-    n_queries, n_columns, _ = columns.shape
-    k = min(k, stop - start)
-    block = max(1, min(block, stop - start))
-    acc_buf = np.empty(block, dtype=np.float32)
-    tmp_buf = np.empty(block, dtype=np.float32)
-    out_values = np.empty((n_queries, k), dtype=np.float32)
-    out_indices = np.empty((n_queries, k), dtype=np.intp)
-    n_terms = n_columns + (extra is not None)
-    # Columns summed for every item before pruning: one pair table of 4 (M=8)
-    # already drops about 99 % of the items of clustered data.
-    half = max(1, (n_columns + 3) // 4)
-    for q in range(n_queries):
-        table = columns[q]
-        # rest_mins[j]: least possible contribution of the columns from j on.
-        mins = table.min(axis=1).astype(np.float64)
-        extra_min = 0.0 if extra is None else float(extra[q].min())
-        rest_mins = np.append(np.cumsum(mins[::-1])[::-1], 0.0) + extra_min
-        rest_min = float(rest_mins[half])
-        best = (np.empty(0, dtype=np.float32), np.empty(0, dtype=np.intp))
-        for i0, i1 in _ramp(start, stop, max(64 * k, 2048), block):
-            acc = acc_buf[: i1 - i0]
-            tmp = tmp_buf[: i1 - i0]
-            prune = n_terms >= 2 and len(best[0]) >= k
-            np.take(table[0], codes_main[0, i0:i1], out=acc, mode="clip")
-            for j in range(1, half if prune else n_columns):
-                np.take(table[j], codes_main[j, i0:i1], out=tmp, mode="clip")
-                acc += tmp
-            survivors = None
-            if prune:
-                threshold = float(best[0][k - 1])
-                slack = 1e-5 * (abs(threshold) + abs(rest_min)) + 1e-30
-                alive = acc < threshold - rest_min + slack
-                if 4 * np.count_nonzero(alive) <= len(acc):
-                    survivors = np.flatnonzero(alive)
-                else:
-                    # Unselective block (a loose early threshold, or
-                    # unclustered data): finish it with contiguous look-ups.
-                    for j in range(half, n_columns):
-                        np.take(table[j], codes_main[j, i0:i1], out=tmp, mode="clip")
-                        acc += tmp
-            if survivors is None:
-                if extra is not None:
-                    np.take(extra[q], codes_extra[i0:i1], out=tmp, mode="clip")
-                    acc += tmp
-                best = _select_1d(best, acc, i0 - start, k)
-                continue
-            if not survivors.size:
-                continue
-            values = acc[survivors]
-            rows = survivors + i0
-            for j in range(half, n_columns):
-                values += table[j][codes_main[j][rows]]
-                if j + 1 < n_terms and len(values) > 64:
-                    # Prune again on the tighter partial sum.
-                    alive = values < threshold - rest_mins[j + 1] + slack
-                    values, rows, survivors = values[alive], rows[alive], survivors[alive]
-            if extra is not None:
-                values += extra[q][codes_extra[rows]]
-            keep = values < threshold
-            if keep.any():
-                values = np.concatenate([best[0], values[keep]])
-                indices = np.concatenate([best[1], survivors[keep] + (i0 - start)])
-                order = np.lexsort((indices, values))[:k]
-                best = (values[order], indices[order])
-        out_values[q], out_indices[q] = best
-    return out_values, out_indices
+    from ._scan_loop import scan_queries  # numba: imported on first use
+
+    n_queries = columns.shape[0]
+    n_items = codes_t.shape[1]
+    k = min(k, n_items)
+    values = np.empty((n_queries, k), dtype=np.float32)
+    indices = np.empty((n_queries, k), dtype=np.intp)
+    scan_queries(columns, codes_t.T, None, np.array([0, n_items], dtype=np.int64),
+                 None, None, None, None, np.arange(n_queries + 1, dtype=np.int64),
+                 np.zeros(n_queries, dtype=np.int64), 0, n_queries, k, values, indices)
+    return values, indices
 
 
 def _torch_embedding_bag():
@@ -672,31 +587,19 @@ def aqd_search(tables, codes, n_neighbors, *, n_jobs=None, layout=None, kernel="
     budget = max(1, int(working_memory * 2**20))
     kernel = _choose_kernel(n_queries, n_codewords, kernel)
     n_shards = max(1, min(effective_n_jobs(n_jobs), n_items * n_queries // _MIN_SHARD_WORK))
-    if kernel in ("pairs", "columns") and _local_backend():
-        # The per-query kernels run in one thread here: their bounded look-ups
-        # are many small numpy calls, which hold the GIL between them, and
-        # two threads measured slower than one (one query over 1M items,
-        # 2 vCPUs: 212-237 against 279-292 queries/s).
-        n_shards = 1
     shards = list(gen_even_slices(n_items, n_shards))
 
     if kernel in ("pairs", "columns"):
-        if kernel == "pairs" and n_subspaces >= 2:
-            columns, extra = _pair_tables(tables)
-            codes_main = layout.pair_codes(n_codewords)
-            codes_extra = layout.codes_t[-1] if extra is not None else None
+        if kernel == "pairs" and n_subspaces % 2 == 0:
+            columns, codes_t = _pair_tables(tables), layout.pair_codes(n_codewords)
         else:
-            columns, extra = tables, None
-            codes_main, codes_extra = layout.codes_t, None
-        # Per item of a block: two float32 buffers, and for the first block's
-        # top-k a partitioned copy and a mask (as in the batch kernel).
-        block = max(1, min(_SINGLE_BLOCK, budget // _BYTES_PER_PAIR))
+            # (An odd M scans plain columns: pairs plus a last column would
+            # cost a second table per query for one look-up in eight.)
+            columns, codes_t = np.ascontiguousarray(tables), layout.codes_t
 
         def args_of(s):
-            extra_s = None if codes_extra is None else codes_extra[s]
             # Slicing the shard's codes ships only those to remote backends.
-            return (columns, extra, (codes_main[:, s], extra_s), 0, s.stop - s.start,
-                    n_neighbors, block)
+            return columns, codes_t[:, s], n_neighbors
 
         results = _run_shards(_scan_per_query, shards, args_of)
     elif kernel in ("numpy", "torch"):

@@ -14,7 +14,7 @@ import skquant
 
 PACKAGE_DIR = Path(skquant.__file__).parent
 
-KERNELS = {"skquant._search", "skquant._ivf", "skquant._ivf_scan"}
+KERNELS = {"skquant._search", "skquant._ivf", "skquant._scan_loop"}
 INDEX = {"skquant._index", "skquant._dask_index"}
 CODEBOOKS = {"skquant._codebooks", "skquant._product", "skquant._additive"}
 PERSISTENCE = {"skquant._persistence", "skquant._version"}

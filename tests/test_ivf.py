@@ -381,7 +381,7 @@ def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
     # by the bound after their first terms; the result is still exactly the
     # top-k by (float32 value, index) over all the probed cells, computed
     # here by brute force in the scan's order of additions.
-    from skquant import _ivf_scan
+    from skquant import _scan_loop
 
     rng = np.random.default_rng(3)
     # K * M > 256: flat table offsets beyond the codes' uint8 range.
@@ -398,14 +398,14 @@ def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
     tables, scores = index._residual_tables(Q)
     lists = index.inverted_lists()
     saved = []
-    original = _ivf_scan.scan_queries
+    original = _scan_loop.scan_queries
 
     def spy(*args):
         skipped_cells, cut_items = original(*args)
         saved.append((skipped_cells, cut_items))
         return skipped_cells, cut_items
 
-    monkeypatch.setattr(_ivf_scan, "scan_queries", spy)
+    monkeypatch.setattr(_scan_loop, "scan_queries", spy)
     codes, bias = lists.codes, lists.item_bias.astype(np.float32)
     values = tables[:, 0, codes[:, 0]]
     for m in range(1, M):
@@ -416,9 +416,9 @@ def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
     # the slack), for every query and cell.
     lowest, largest = lists.bias_bounds
     for q in range(n_queries):
-        table_min, _, table_abs = _ivf_scan._table_stats(tables[q], 1)
+        table_min, _, table_abs = _scan_loop._table_stats(tables[q], 1)
         for c in range(n_lists):
-            bound, slack = _ivf_scan.cell_lower_bound(
+            bound, slack = _scan_loop.cell_lower_bound(
                 float(np.float32(scores[q, c])), lowest[c], largest[c], table_min,
                 table_abs, M)
             assert bound - slack <= values[q, lists.assignments == c].min()
@@ -446,7 +446,7 @@ def test_cell_lower_bound_is_tight_with_one_codeword():
     # With one codeword per codebook every item's table sum is the sum of
     # the tables' minima, so the bound is each cell's lowest item value (up
     # to the rounding slack): a bound too high by any margin fails here.
-    from skquant._ivf_scan import _table_stats, cell_lower_bound
+    from skquant._scan_loop import _table_stats, cell_lower_bound
 
     rng = np.random.default_rng(4)
     n_items, n_lists, n_queries, M = 500, 9, 6, 4

@@ -354,7 +354,7 @@ def _shard_small_problems(monkeypatch):
     monkeypatch.setattr(_search, "_MIN_SHARD_WORK", 1)
 
 
-def test_small_problems_and_single_queries_stay_in_one_thread(monkeypatch):
+def test_small_problems_stay_in_one_thread(monkeypatch):
     monkeypatch.setattr(_search, "_MIN_SHARD_WORK", 2**16)
     shard_counts = []
     original = _search._run_shards
@@ -367,10 +367,11 @@ def test_small_problems_and_single_queries_stay_in_one_thread(monkeypatch):
     tables, codes, _ = _integer_problem(rng, 1, 10_000, 4, 16)
     aqd_search(tables, codes, 5, n_jobs=2)  # 10k pairs of work: one shard
     tables, codes, _ = _integer_problem(rng, 1, 200_000, 4, 16)
-    aqd_search(tables, codes, 5, n_jobs=2)  # one query: the per-query kernel, one thread
+    aqd_search(tables, codes, 5, n_jobs=2)  # one query over 200k: two shards
+    aqd_search(tables, codes, 5)  # n_jobs=None: one
     tables, codes, _ = _integer_problem(rng, 20, 200_000, 4, 16)
     aqd_search(tables, codes, 5, n_jobs=2)  # a batch: two shards
-    assert shard_counts == [1, 1, 2]
+    assert shard_counts == [1, 2, 1, 2]
 
 
 @pytest.mark.parametrize("kernel", ["pairs", "columns"])

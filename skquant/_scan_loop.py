@@ -1,12 +1,15 @@
-"""The inverted-file scan's inner loop, compiled with numba.
+"""The one-query-at-a-time AQD scan loop, compiled with numba.
 
-Why compiled, when every other kernel is numpy: a probed cell holds about a
-thousand items, so a numpy scan makes a score of calls per cell (tens of
-microseconds each, the GIL held between them) for a few microseconds of
-arithmetic, and two threads ran slower than one. Here a query's whole scan
-is one loop: no call per cell, the GIL released (``nogil``), so the caller's
-threads each take a share of the queries. numba compiles on first use and
-caches the machine code beside this file (``cache=True``).
+It serves the inverted-file scan (:mod:`skquant._ivf`: a query's probed
+cells) and the exhaustive scan of few queries (:mod:`skquant._search`: a
+shard of the database seen as one cell). Why compiled, when the batch
+kernels are numpy: a query's scan in numpy makes a score of calls per cell
+or block (microseconds to tens of microseconds each, the GIL held between
+them) for little arithmetic, and two threads ran slower than one. Here a
+query's whole scan is one loop: no call per cell, the GIL released
+(``nogil``), so the caller's threads each take a share of the queries or of
+the database. numba compiles on first use and caches the machine code
+beside this file (``cache=True``).
 
 The scan of a query keeps its ``k`` best items by ``(value, original
 index)`` in a bounded max-heap; every item's value is summed in one order,
@@ -101,6 +104,18 @@ def _table_stats(table, head):
 
 
 @numba.njit(nogil=True, cache=True)
+def _item_limit(kth, rest_min, magnitude):
+    """The item bound's limit for a running ``k``-th value ``kth`` (float32;
+    inf while the heap is not full): an item whose first terms (with its
+    item and cell terms) exceed it is worth more than ``kth`` once the other
+    terms, at least ``rest_min``, are added, even after float32 rounding."""
+    kth = np.float64(kth)
+    if kth == np.inf:
+        return np.inf
+    return kth - rest_min + _ITEM_EPS * (abs(kth) + magnitude)
+
+
+@numba.njit(nogil=True, cache=True)
 def scan_queries(tables, codes, order, offsets, item_bias, cell_scores, cell_lowest,
                  cell_largest, probe_starts, probe_cells, first, stop, k, out_values,
                  out_indices):
@@ -108,19 +123,23 @@ def scan_queries(tables, codes, order, offsets, item_bias, cell_scores, cell_low
 
     Parameters
     ----------
-    tables : float32 (n_queries, M, K)
-        Lookup tables, C-contiguous.
-    codes : (n_items, M) uint8 or uint16
-        Codes in stored order (cell by cell), C-contiguous.
-    order : (n_items,) int
-        Original index of each stored item.
+    tables : float32 (n_queries, J, T)
+        Lookup tables, C-contiguous: column ``j`` of an item is looked up in
+        ``tables[q, j]`` (a sub-space, or a pair of sub-spaces).
+    codes : (n_items, J) unsigned integers, any strides
+        Codes in stored order (cell by cell).
+    order : (n_items,) int, or None
+        Original index of each stored item; None: an item's index is its
+        position less ``offsets[0]`` (a shard of a database).
     offsets : int64 (n_lists + 1,)
         Cell ``c`` holds stored items ``offsets[c]:offsets[c + 1]``.
-    item_bias : float32 (n_items,) or (0,)
-        Per-item term in stored order (residual codes); empty for none.
-    cell_scores : float32 (n_queries, n_lists) or (0, 0)
+    item_bias : float32 (n_items,) or None
+        Per-item term in stored order (residual codes); None for direct
+        codes, with the next three None too. (None arguments compile a
+        loop without their branches.)
+    cell_scores : float32 (n_queries, n_lists) or None
         Coarse scores added to the values of residual codes.
-    cell_lowest, cell_largest : float64 (n_lists,) or (0,)
+    cell_lowest, cell_largest : float64 (n_lists,) or None
         Lowest item term and largest magnitude per cell (residual codes).
     probe_starts : int64 (n_queries + 1,), probe_cells : int64
         Query ``q`` scans ``probe_cells[probe_starts[q]:probe_starts[q + 1]]``
@@ -136,13 +155,12 @@ def scan_queries(tables, codes, order, offsets, item_bias, cell_scores, cell_low
     skipped_cells, cut_items : int
         Work the bounds saved (for tests and profiling).
     """
-    n_subspaces, n_codewords = tables.shape[1], tables.shape[2]
-    head = max(1, (n_subspaces + 3) // 4)
-    # Unsigned positions into flat arrays: no negative-index wraparound
-    # test per look-up (10-20 % of the scan's time).
-    n_sub, n_cw, n_head = np.uint64(n_subspaces), np.uint64(n_codewords), np.uint64(head)
-    flat_codes = codes.ravel()
-    residual = item_bias.shape[0] > 0
+    n_columns = tables.shape[1]
+    head = max(1, (n_columns + 3) // 4)
+    # Unsigned loop indices: numba tests every signed index for negative
+    # wraparound, 10-20 % of the scan's time.
+    n_col, n_head, one = np.uint64(n_columns), np.uint64(head), np.uint64(1)
+    index_base = np.int64(offsets[0])
     heap_v = np.empty(k, np.float32)
     heap_i = np.empty(k, out_indices.dtype)
     no_index = np.iinfo(out_indices.dtype).max
@@ -151,8 +169,8 @@ def scan_queries(tables, codes, order, offsets, item_bias, cell_scores, cell_low
     for q in range(first, stop):
         heap_v[:] = np.inf
         heap_i[:] = no_index
-        table = tables[q].ravel()
-        table_min, rest_min, table_abs = _table_stats(tables[q], head)
+        table = tables[q]
+        table_min, rest_min, table_abs = _table_stats(table, head)
         for p in range(probe_starts[q], probe_starts[q + 1]):
             cell = probe_cells[p]
             a, b = np.uint64(offsets[cell]), np.uint64(offsets[cell + 1])
@@ -160,43 +178,42 @@ def scan_queries(tables, codes, order, offsets, item_bias, cell_scores, cell_low
                 continue
             cell_term = np.float32(0.0)
             magnitude = table_abs
-            if residual:
+            if item_bias is not None:
                 cell_term = cell_scores[q, cell]
                 magnitude += cell_largest[cell] + abs(np.float64(cell_term))
                 kth = np.float64(heap_v[0])
                 if kth < np.inf:
                     bound, slack = cell_lower_bound(
                         np.float64(cell_term), cell_lowest[cell], cell_largest[cell],
-                        table_min, table_abs, n_subspaces)
+                        table_min, table_abs, n_columns)
                     if bound > kth + slack + _CELL_EPS * abs(kth):
                         skipped_cells += 1
                         continue
+            # An item whose first terms plus the others' minima exceed this
+            # cannot enter the heap (see the module notes); inf until the
+            # heap is full, updated when its k-th value moves.
+            limit = _item_limit(heap_v[0], rest_min, magnitude)
             for i in range(a, b):
-                row = i * n_sub
-                acc = table[np.uint64(flat_codes[row])]
-                for m in range(np.uint64(1), n_head):
-                    acc += table[m * n_cw + np.uint64(flat_codes[row + m])]
-                kth32 = heap_v[0]
-                if kth32 < np.inf:
-                    # The other terms add at least rest_min: drop the item
-                    # if even that exceeds the k-th value, with a slack.
-                    partial = np.float64(acc)
-                    if residual:
-                        partial += np.float64(item_bias[i]) + np.float64(cell_term)
-                    kth = np.float64(kth32)
-                    if partial + rest_min > kth + _ITEM_EPS * (abs(kth) + magnitude):
-                        cut_items += 1
-                        continue
-                for m in range(n_head, n_sub):
-                    acc += table[m * n_cw + np.uint64(flat_codes[row + m])]
-                if residual:
+                acc = table[np.uint64(0), np.uint64(codes[i, np.uint64(0)])]
+                for m in range(one, n_head):
+                    acc += table[m, np.uint64(codes[i, m])]
+                partial = np.float64(acc)
+                if item_bias is not None:
+                    partial += np.float64(item_bias[i]) + np.float64(cell_term)
+                if partial > limit:
+                    cut_items += 1
+                    continue
+                for m in range(n_head, n_col):
+                    acc += table[m, np.uint64(codes[i, m])]
+                if item_bias is not None:
                     acc += item_bias[i]
                     acc += cell_term
                 if acc <= heap_v[0]:
-                    index = order[i]
+                    index = np.int64(i) - index_base if order is None else order[i]
                     if acc < heap_v[0] or index < heap_i[0]:
                         heap_v[0], heap_i[0] = acc, index
                         _sift_down(heap_v, heap_i, k)
+                        limit = _item_limit(heap_v[0], rest_min, magnitude)
         # The heap, popped worst first, fills the row from its end.
         for j in range(k - 1, -1, -1):
             out_values[q, j], out_indices[q, j] = heap_v[0], heap_i[0]
