@@ -146,7 +146,22 @@ class ProductCodebooks(_Codebooks):
         Z = self._rotate(Z)
         if (metric or self.metric) == "euclidean":
             return euclidean_tables(Z, self.codebooks)
-        return product_inner_product_tables(Z, self.codebooks)
+        return product_inner_product_tables(Z, self.codebooks, self._codebooks_t64())
+
+    def _codebooks_t64(self):
+        """The codebooks as float64 (M, ds, K), C-contiguous: cached, as
+        converting them costs more than one query's tables (not pickled)."""
+        cached = self.__dict__.get("_t64")
+        if cached is None or cached[0] is not self.codebooks:
+            t64 = np.asarray(self.codebooks, dtype=np.float64).transpose(0, 2, 1)
+            cached = (self.codebooks, np.ascontiguousarray(t64))
+            self._t64 = cached
+        return cached[1]
+
+    def __getstate__(self):
+        state = dict(vars(self))
+        state.pop("_t64", None)  # derived: rebuilt on use
+        return state
 
     def residual_terms(self, centroids):
         """Per-cell terms of residual codes, ``(n_lists, M, K)`` float64.

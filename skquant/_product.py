@@ -191,19 +191,26 @@ def fit_opq(Z, n_subspaces, n_codewords, *, n_iter=10, max_iter=100, random_stat
     return rotation.astype(np.float32), codebooks
 
 
-def subspace_dots(queries, codebooks):
+def subspace_dots(queries, codebooks, codebooks_t=None):
     """float64 ``<q_m, c_mk>`` of every row block with every codeword.
 
     Returns the query blocks ``q`` (M, n, ds), the codebooks ``c`` (M, K, ds),
     both float64, and the products (M, n, K). The operands are contiguous
     stacks, so that matmul runs one BLAS gemm per sub-space (on strided
     operands it falls back to a loop, 2-10x slower for batches).
+    ``codebooks_t``: the codebooks as float64 (M, ds, K) C-contiguous, when
+    the caller keeps them (converting them costs more than one query's
+    products).
     """
     n_subspaces, _, subspace_dim = codebooks.shape
     q = np.asarray(queries, dtype=np.float64).reshape(-1, n_subspaces, subspace_dim)
     q = np.ascontiguousarray(q.transpose(1, 0, 2))
-    c = np.asarray(codebooks, dtype=np.float64)
-    return q, c, np.matmul(q, np.ascontiguousarray(c.transpose(0, 2, 1)))
+    if codebooks_t is None:
+        c = np.asarray(codebooks, dtype=np.float64)
+        codebooks_t = np.ascontiguousarray(c.transpose(0, 2, 1))
+    else:
+        c = codebooks_t.transpose(0, 2, 1)
+    return q, c, np.matmul(q, codebooks_t)
 
 
 def euclidean_tables(queries, codebooks):
@@ -231,7 +238,7 @@ def euclidean_tables(queries, codebooks):
     return np.ascontiguousarray(tables.transpose(1, 0, 2), dtype=np.float32)
 
 
-def inner_product_tables(queries, codebooks):
+def inner_product_tables(queries, codebooks, codebooks_t=None):
     """Negated inner-product lookup tables for product (block) codebooks.
 
     Parameters
@@ -240,6 +247,9 @@ def inner_product_tables(queries, codebooks):
         Query vectors in the (possibly rotated) quantization space.
     codebooks : ndarray of shape (n_subspaces, n_codewords, subspace_dim)
         One codebook per contiguous sub-space.
+    codebooks_t : ndarray of shape (n_subspaces, subspace_dim, n_codewords), default=None
+        The same codebooks as float64, C-contiguous, when already at hand
+        (see :func:`subspace_dots`).
 
     Returns
     -------
@@ -249,6 +259,6 @@ def inner_product_tables(queries, codebooks):
     """
     # float64, rounded once at the end: a float32 GEMM rounds a query's row
     # differently depending on the other rows of the batch and on the CPU.
-    _, _, tables = subspace_dots(queries, codebooks)  # (M, n, K)
+    _, _, tables = subspace_dots(queries, codebooks, codebooks_t)  # (M, n, K)
     np.negative(tables, out=tables)
     return np.ascontiguousarray(tables.transpose(1, 0, 2), dtype=np.float32)
