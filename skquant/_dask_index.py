@@ -225,7 +225,7 @@ def _scan_chunk(chunk, tables, k, offset, coarse=None):
     else:
         scores, n_probe, cell_sizes, residual = coarse
         values, indices = ivf_search(
-            tables, scores, chunk.inverted_lists(), k, n_probe=n_probe, n_jobs=1,
+            tables, scores, chunk.inverted_lists(), k, n_probe=n_probe,
             add_scores=residual, refine=False, cell_sizes=cell_sizes,
         )
     real = indices != _SENTINEL

@@ -21,12 +21,13 @@ import numbers
 import threading
 
 import numpy as np
+from joblib import effective_n_jobs
 from sklearn import get_config
 from sklearn.cluster import KMeans
 from sklearn.utils import check_random_state, gen_batches
 
 from ._ivf import InvertedLists, assign_lists, coarse_scores, ivf_search
-from ._search import CodeLayout, aqd_search
+from ._search import CodeLayout, _local_backend, _run_shards, aqd_search
 
 __all__ = ["RESIDUAL_POINTS_PER_LIST", "QuantizedIndex", "item_bias", "residuals",
            "train_coarse_quantizer"]
@@ -36,6 +37,11 @@ __all__ = ["RESIDUAL_POINTS_PER_LIST", "QuantizedIndex", "item_bias", "residuals
 # points and 20 Lloyd iterations (faiss trains IVF centroids with 10-25) keep
 # training at seconds for thousands of cells.
 _MAX_POINTS_PER_LIST = 64
+# An inverted-file search is split between threads only in parts of at
+# least this many queries and (query, item) pairs: a part costs a thread
+# dispatch and its own calls (tables, coarse scores, exact distances).
+_MIN_PART_QUERIES = 16
+_MIN_PART_PAIRS = 2**17
 _COARSE_MAX_ITER = 20
 # Residual codes are encoded against their cells, so the cells shape every
 # reconstruction: trained like faiss's (at most 256 points per cell).
@@ -466,26 +472,54 @@ class QuantizedIndex:
             Item indices; equal distances ordered by lower index.
         """
         if self.by_residual:
-            return self._search_residual(queries, n_neighbors, n_probe, n_jobs)
-        tables = self.quantizer.lookup_tables(queries)
-        if n_probe is not None and n_probe >= self.n_lists:
+            if n_probe is None:
+                n_probe = self.n_lists
+        elif n_probe is not None and n_probe >= self.n_lists:
             # Probing every cell is the exhaustive search: the exhaustive
             # kernel gives the same results (same float64 re-sum, same
             # tie order) without the cell bookkeeping, so it is never slower.
             n_probe = None
         if n_probe is None:
+            tables = self.quantizer.lookup_tables(queries)
             sums, indices = aqd_search(
                 tables, self.codes, n_neighbors, n_jobs=n_jobs, layout=self.scan_layout()
             )
-        else:
-            scores = coarse_scores(queries, self._coarse_centroids, self.quantizer.metric)
-            sums, indices = ivf_search(
-                tables, scores, self.inverted_lists(), n_neighbors,
-                n_probe=n_probe, n_jobs=n_jobs,
-            )
+            return self.quantizer.distances(sums), indices
+        # The inverted file: the queries' whole searches (tables, coarse
+        # scores, scan, exact distances) in parts, one thread each; numpy's
+        # calls and the compiled scan release the GIL.
+        parts = self._query_parts(len(queries), n_neighbors, n_probe, n_jobs)
+        search = self._search_residual if self.by_residual else self._search_direct
+        if len(parts) == 1:
+            return search(queries, n_neighbors, n_probe)
+        results = _run_shards(search, parts, lambda part: (queries[part], n_neighbors, n_probe))
+        return (np.concatenate([d for d, _ in results]),
+                np.concatenate([i for _, i in results]))
+
+    def _query_parts(self, n_queries, n_neighbors, n_probe, n_jobs):
+        """Slices of the queries searched in parallel threads, one per
+        thread: one slice unless every part gets enough work (see
+        ``_MIN_PART_*``), or under a non-local joblib backend (whose workers
+        would receive the whole index)."""
+        pairs = n_queries * max(n_probe * self.n_items // max(self.n_lists, 1), n_neighbors)
+        most = min(n_queries // _MIN_PART_QUERIES, pairs // _MIN_PART_PAIRS)
+        if most < 2 or not _local_backend():
+            return [slice(0, n_queries)]
+        n_parts = min(most, effective_n_jobs(n_jobs))
+        if n_parts < 2:
+            return [slice(0, n_queries)]
+        bounds = np.linspace(0, n_queries, n_parts + 1).astype(int)
+        return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def _search_direct(self, queries, n_neighbors, n_probe):
+        """Inverted-file search over direct codes, in the calling thread."""
+        tables = self.quantizer.lookup_tables(queries)
+        scores = coarse_scores(queries, self._coarse_centroids, self.quantizer.metric)
+        sums, indices = ivf_search(tables, scores, self.inverted_lists(), n_neighbors,
+                                   n_probe=n_probe)
         return self.quantizer.distances(sums), indices
 
-    def _search_residual(self, queries, n_neighbors, n_probe, n_jobs):
+    def _search_residual(self, queries, n_neighbors, n_probe):
         """Search over residual codes: for a query ``q`` and an item of cell
         ``c`` with residual reconstruction ``r``,
         ``||q - c - r||^2 = ||q||^2 + (||c||^2 - 2 <q, c>) + (||r||^2 + 2 <c, r>)
@@ -493,14 +527,12 @@ class QuantizedIndex:
         per query (``-2 <q_m, C_m[k]>``, shared by all its cells). The scan
         selects on these float32 sums; the winners' distances are then
         recomputed exactly, in float64, from their reconstructions."""
-        if n_probe is None:
-            n_probe = self.n_lists
         queries = np.asarray(queries)
         tables, scores = self._residual_tables(queries)
         lists = self.inverted_lists()
         _, indices = ivf_search(
             tables, scores, lists, n_neighbors,
-            n_probe=n_probe, n_jobs=n_jobs, add_scores=True, refine=False,
+            n_probe=n_probe, add_scores=True, refine=False,
         )
         return self._residual_distances(
             queries, indices, lists.codes[indices.ravel()], lists.assignments[indices]

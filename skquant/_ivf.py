@@ -28,17 +28,18 @@ items kept in a heap by ``(value, original index)``. Every item's value is
 summed in one order (``t0 + t1 + ...`` left to right, then the item and
 cell terms), so it does not depend on the batch, the threads or the bounds;
 ties are broken by the lower *original* index, as in exhaustive search. The
-loop releases the GIL: ``n_jobs`` threads each scan a share of the queries.
+scan runs in the calling thread and releases the GIL: the index
+(:meth:`~skquant._index.QuantizedIndex.search`) runs parts of a batch, each
+query's whole search, in ``n_jobs`` threads.
 """
 
 import threading
 
 import numpy as np
-from joblib import effective_n_jobs
 from sklearn import get_config
 from sklearn.utils import gen_batches
 
-from ._search import _refine, _run_shards
+from ._search import _refine
 
 __all__ = [
     "InvertedLists",
@@ -51,11 +52,6 @@ __all__ = [
 # float32 scores per block of rows in nearest(): 2 MiB, so that the passes
 # after the GEMM read them from cache.
 _NEAREST_BLOCK = 2**19
-# Items scanned per thread below which a search runs in one thread (a
-# thread's start and join cost about what a scan of this many items does).
-_MIN_THREAD_ITEMS = 2**16
-
-
 def coarse_scores(X, centroids, metric="euclidean", norms=None):
     """Lower-is-better scores of every (vector, cell) pair, (n, n_lists) float64.
 
@@ -319,21 +315,8 @@ def _select_probes(scores, sizes, n_probe, k):
     return starts, np.concatenate(lists).astype(np.int64)
 
 
-def _query_shards(n_queries, n_jobs, n_scanned):
-    """Query ranges for the threads: one range unless there is enough work
-    (``n_scanned`` items in all) to share; a few ranges per thread so that
-    an uneven share (cells differ in size) evens out."""
-    if n_queries == 1 or n_scanned < 2 * _MIN_THREAD_ITEMS:
-        return [(0, n_queries)]  # (effective_n_jobs costs microseconds)
-    n_threads = min(effective_n_jobs(n_jobs), n_queries, n_scanned // _MIN_THREAD_ITEMS)
-    if n_threads <= 1:
-        return [(0, n_queries)]
-    bounds = np.linspace(0, n_queries, min(n_queries, 4 * n_threads) + 1).astype(int)
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
-
-
-def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
-               add_scores=False, refine=True, cell_sizes=None):
+def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, add_scores=False,
+               refine=True, cell_sizes=None):
     """Non-exhaustive AQD search over the best ``n_probe`` cells of each query.
 
     Parameters
@@ -349,9 +332,6 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
     n_probe : int, default=1
         Cells scanned per query (more when they hold fewer than
         ``n_neighbors`` items, so that every query gets ``n_neighbors``).
-    n_jobs : int, default=None
-        Threads sharing the queries (``None``: one, as in scikit-learn; a
-        search of few items runs in one thread whatever ``n_jobs``).
     add_scores : bool, default=False
         Residual codes: an item's value is its table sum plus its
         ``ivf.item_bias`` plus its cell's coarse score for the query.
@@ -407,14 +387,8 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, n_jobs=None,
         bias = cell_scores = lowest = largest = None
     values = np.empty((n_queries, n_neighbors), dtype=np.float32)
     indices = np.empty((n_queries, n_neighbors), dtype=np.intp)
-
-    def scan(first, stop):
-        return scan_queries(tables, codes, ivf.order, ivf.offsets, bias, cell_scores, lowest,
-                            largest, starts, cells, first, stop, n_neighbors, values, indices)
-
-    n_scanned = int(ivf.sizes[cells].sum()) if n_queries > 1 else 0
-    shards = _query_shards(n_queries, n_jobs, n_scanned)
-    _run_shards(scan, shards, lambda shard: shard)
+    scan_queries(tables, codes, ivf.order, ivf.offsets, bias, cell_scores, lowest, largest,
+                 starts, cells, 0, n_queries, n_neighbors, values, indices)
     if not refine:
         return values, indices
     return _refine(tables, ivf.codes, indices)

@@ -8,7 +8,7 @@ import pytest
 from sklearn import config_context
 from sklearn.datasets import make_blobs
 
-from skquant import ProductQuantizer, _ivf, _search
+from skquant import ProductQuantizer, _search
 from skquant._additive import inner_product_tables
 from skquant._index import QuantizedIndex, train_coarse_quantizer
 from skquant._ivf import InvertedLists, assign_lists, coarse_scores, ivf_search
@@ -19,7 +19,6 @@ from skquant._search import aqd_search
 def _shard_small_problems(monkeypatch):
     """Small test databases still exercise the multi-thread split and merge."""
     monkeypatch.setattr(_search, "_MIN_SHARD_WORK", 1)
-    monkeypatch.setattr(_ivf, "_MIN_THREAD_ITEMS", 1)
 
 
 def _restricted_reference(sums, assignments, scores, n_probe, k):
@@ -39,9 +38,8 @@ def _restricted_reference(sums, assignments, scores, n_probe, k):
 
 @pytest.mark.parametrize("n_queries", [1, 3, 40])
 @pytest.mark.parametrize("n_probe", [1, 2, 5])
-@pytest.mark.parametrize("n_jobs", [None, 2])
 @pytest.mark.parametrize("residual", [False, True])
-def test_ivf_equals_brute_force_on_probed_cells(n_queries, n_probe, n_jobs, residual):
+def test_ivf_equals_brute_force_on_probed_cells(n_queries, n_probe, residual):
     rng = np.random.default_rng(n_queries + 10 * n_probe)
     M, K, n_items, n_lists = 3, 8, 600, 7
     # Integer tables: exact sums and many ties, broken by the original index.
@@ -58,7 +56,7 @@ def test_ivf_equals_brute_force_on_probed_cells(n_queries, n_probe, n_jobs, resi
         sums = sums + bias + scores[:, assignments]
     ivf = InvertedLists(codes, assignments, n_lists, item_bias=bias)
     for k in (1, 10, 150):
-        values, indices = ivf_search(tables, scores, ivf, k, n_probe=n_probe, n_jobs=n_jobs,
+        values, indices = ivf_search(tables, scores, ivf, k, n_probe=n_probe,
                                      add_scores=residual, refine=not residual)
         expected = _restricted_reference(sums, assignments, scores, n_probe, k)
         np.testing.assert_array_equal(indices, expected)
@@ -74,10 +72,9 @@ def test_all_cells_probed_is_exhaustive_search(n_queries):
     ivf = InvertedLists(codes, rng.integers(0, 9, size=2000), 9)
     scores = rng.normal(size=(n_queries, 9)).astype(np.float32)
     expected = aqd_search(tables, codes, 12)
-    for n_jobs in (None, 2):
-        got = ivf_search(tables, scores, ivf, 12, n_probe=9, n_jobs=n_jobs)
-        np.testing.assert_array_equal(got[1], expected[1])
-        np.testing.assert_array_equal(got[0], expected[0])
+    got = ivf_search(tables, scores, ivf, 12, n_probe=9)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got[0], expected[0])
 
 
 def test_small_cells_are_extended_to_k_items():
@@ -309,7 +306,7 @@ def test_paired_and_plain_scans(M, K, n_items):
     sums = tables[:, np.arange(M), codes].sum(-1)
     for n_probe in (1, 3):
         with config_context(working_memory=0.05):  # several chunks per query
-            _, indices = ivf_search(tables, scores, ivf, 9, n_probe=n_probe, n_jobs=2)
+            _, indices = ivf_search(tables, scores, ivf, 9, n_probe=n_probe)
         np.testing.assert_array_equal(
             indices, _restricted_reference(sums, assignments, scores, n_probe, 9)
         )
@@ -370,9 +367,6 @@ def test_float32_values_do_not_depend_on_path(monkeypatch, residual):
         expected = expected + bias[batch[1]]
         expected = expected + scores.astype(np.float32)[rows, assignments[batch[1]]]
     np.testing.assert_array_equal(batch[0], expected)
-    threads = ivf_search(tables, scores, ivf, 10, n_jobs=2, **kwargs)
-    np.testing.assert_array_equal(batch[0], threads[0])
-    np.testing.assert_array_equal(batch[1], threads[1])
 
 
 def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
@@ -429,17 +423,15 @@ def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
         )
         expected = np.argsort(masked, axis=1, kind="stable")[:, :k]
         for batch in (Q, Q[:1]):
-            for n_jobs in (None, 2):
-                saved.clear()
-                got_v, got_i = ivf_search(tables[: len(batch)], scores[: len(batch)], lists,
-                                          k, n_probe=n_probe, add_scores=True, refine=False,
-                                          n_jobs=n_jobs)
-                np.testing.assert_array_equal(got_i, expected[: len(batch)])
-                np.testing.assert_array_equal(
-                    got_v, np.take_along_axis(values[: len(batch)], got_i, 1))
-                assert sum(c for _, c in saved) > 0  # items were cut after a few terms
-                if n_probe == n_lists:
-                    assert sum(s for s, _ in saved) > 0  # cells were skipped
+            saved.clear()
+            got_v, got_i = ivf_search(tables[: len(batch)], scores[: len(batch)], lists,
+                                      k, n_probe=n_probe, add_scores=True, refine=False)
+            np.testing.assert_array_equal(got_i, expected[: len(batch)])
+            np.testing.assert_array_equal(
+                got_v, np.take_along_axis(values[: len(batch)], got_i, 1))
+            assert sum(c for _, c in saved) > 0  # items were cut after a few terms
+            if n_probe == n_lists:
+                assert sum(s for s, _ in saved) > 0  # cells were skipped
 
 
 def test_cell_lower_bound_is_tight_with_one_codeword():
@@ -467,27 +459,32 @@ def test_cell_lower_bound_is_tight_with_one_codeword():
             assert slack < 1e-3
 
 
-def test_queries_shared_between_threads(monkeypatch):
-    # n_jobs threads each scan a share of the queries (the compiled scan
-    # releases the GIL); one query, or little work, stays in one thread.
-    rng = np.random.default_rng(5)
-    codes = rng.integers(0, 16, size=(2000, 4)).astype(np.uint8)
-    ivf = InvertedLists(codes, rng.integers(0, 10, size=2000), 10)
-    tables = rng.normal(size=(40, 4, 16)).astype(np.float32)
-    scores = rng.normal(size=(40, 10))
-    shards = []
-    original = _ivf._run_shards
+@pytest.mark.parametrize("by_residual", [False, True])
+def test_batches_split_between_threads(monkeypatch, by_residual):
+    # With n_jobs threads, a batch's queries are searched in parts, one per
+    # thread (tables, coarse scores, scan and exact distances each); one
+    # query, or too little work, stays whole. Same results either way.
+    from skquant import _index
 
-    def spy(func, parts, args_of):
-        shards.append(len(parts))
-        return original(func, parts, args_of)
+    X, _ = make_blobs(n_samples=3000, n_features=8, centers=20, random_state=0)
+    X = X.astype(np.float32)
+    pq = ProductQuantizer(n_codebooks=4, n_codewords=16, n_lists=10, n_probe=3,
+                          by_residual=by_residual, random_state=0).fit(X)
+    parts = []
+    original = _index._run_shards
 
-    monkeypatch.setattr(_ivf, "_run_shards", spy)
-    expected = ivf_search(tables, scores, ivf, 5, n_probe=3)
-    got = ivf_search(tables, scores, ivf, 5, n_probe=3, n_jobs=2)
+    def spy(func, shards, args_of):
+        parts.append(len(shards))
+        return original(func, shards, args_of)
+
+    monkeypatch.setattr(_index, "_run_shards", spy)
+    monkeypatch.setattr(_index, "_MIN_PART_PAIRS", 1)
+    expected = pq.kneighbors(X[:200], n_neighbors=5)
+    got = pq.set_params(n_jobs=2).kneighbors(X[:200], n_neighbors=5)
     np.testing.assert_array_equal(got[1], expected[1])
-    assert shards == [1, 8]  # four ranges per thread
-    ivf_search(tables[:1], scores[:1], ivf, 5, n_probe=3, n_jobs=2)
-    monkeypatch.setattr(_ivf, "_MIN_THREAD_ITEMS", 10**9)
-    ivf_search(tables, scores, ivf, 5, n_probe=3, n_jobs=2)
-    assert shards[2:] == [1, 1]
+    np.testing.assert_array_equal(got[0], expected[0])
+    assert parts == [2]
+    pq.kneighbors(X[:1], n_neighbors=5)
+    monkeypatch.setattr(_index, "_MIN_PART_PAIRS", 10**9)
+    pq.kneighbors(X[:200], n_neighbors=5)
+    assert parts == [2]
