@@ -365,7 +365,7 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, add_scores=False,
     >>> ivf_search(tables, scores, ivf, 2, n_probe=1)
     (array([[0., 1.]]), array([[0, 1]]))
     """
-    from ._scan_loop import scan_queries  # numba: imported on first use
+    from ._scan_loop import scan_loop  # numba: imported on first use
 
     tables = np.ascontiguousarray(tables, dtype=np.float32)
     n_queries = tables.shape[0]
@@ -387,8 +387,9 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, add_scores=False,
         bias = cell_scores = lowest = largest = None
     values = np.empty((n_queries, n_neighbors), dtype=np.float32)
     indices = np.empty((n_queries, n_neighbors), dtype=np.intp)
-    scan_queries(tables, codes, ivf.order, ivf.offsets, bias, cell_scores, lowest, largest,
-                 starts, cells, 0, n_queries, n_neighbors, values, indices)
+    scan_loop(tables.shape[1])(tables, codes, ivf.order, ivf.offsets, bias, cell_scores,
+                               lowest, largest, starts, cells, 0, n_queries, n_neighbors,
+                               values, indices)
     if not refine:
         return values, indices
     return _refine(tables, ivf.codes, indices)

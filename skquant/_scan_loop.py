@@ -28,6 +28,8 @@ the bounds below. Two bounds skip work without changing a result:
   values are bitwise those of a full sum.
 """
 
+import functools
+
 import numba
 import numpy as np
 
@@ -115,11 +117,34 @@ def _item_limit(kth, rest_min, magnitude):
     return kth - rest_min + _ITEM_EPS * (abs(kth) + magnitude)
 
 
-@numba.njit(nogil=True, cache=True)
-def scan_queries(tables, codes, order, offsets, item_bias, cell_scores, cell_lowest,
-                 cell_largest, probe_starts, probe_cells, first, stop, k, out_values,
-                 out_indices):
-    """Scan queries ``first:stop`` over their probed cells.
+@functools.cache
+def scan_loop(n_columns):
+    """The scan compiled for tables of ``n_columns`` columns: ``scan_queries``.
+
+    The number of columns is a constant of the machine code (the loops over
+    an item's columns unroll; a loop with a trip count read at run time cost
+    up to twice the time); numba caches each such loop on disk.
+    """
+    head = max(1, (n_columns + 3) // 4)
+
+    @numba.njit(nogil=True, cache=True)
+    def scan_queries(tables, codes, order, offsets, item_bias, cell_scores, cell_lowest,
+                     cell_largest, probe_starts, probe_cells, first, stop, k, out_values,
+                     out_indices):
+        return _scan(tables, codes, order, offsets, item_bias, cell_scores, cell_lowest,
+                     cell_largest, probe_starts, probe_cells, first, stop, k, out_values,
+                     out_indices, n_columns, head)
+
+    return scan_queries
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _scan(tables, codes, order, offsets, item_bias, cell_scores, cell_lowest, cell_largest,
+          probe_starts, probe_cells, first, stop, k, out_values, out_indices, n_columns,
+          head):
+    """Scan queries ``first:stop`` over their probed cells (the body of
+    :func:`scan_loop`'s function, inlined there with its constant
+    ``n_columns`` and ``head``, the terms summed before the item bound).
 
     Parameters
     ----------
@@ -155,8 +180,6 @@ def scan_queries(tables, codes, order, offsets, item_bias, cell_scores, cell_low
     skipped_cells, cut_items : int
         Work the bounds saved (for tests and profiling).
     """
-    n_columns = tables.shape[1]
-    head = max(1, (n_columns + 3) // 4)
     # Unsigned loop indices: numba tests every signed index for negative
     # wraparound, 10-20 % of the scan's time.
     n_col, n_head, one = np.uint64(n_columns), np.uint64(head), np.uint64(1)

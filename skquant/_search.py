@@ -365,16 +365,17 @@ def _scan_per_query(columns, codes_t, k):
     unless that, plus the other tables' minima, can still beat the ``k``-th
     value; survivors finish the same sum in the same order.
     """
-    from ._scan_loop import scan_queries  # numba: imported on first use
+    from ._scan_loop import scan_loop  # numba: imported on first use
 
     n_queries = columns.shape[0]
     n_items = codes_t.shape[1]
     k = min(k, n_items)
     values = np.empty((n_queries, k), dtype=np.float32)
     indices = np.empty((n_queries, k), dtype=np.intp)
-    scan_queries(columns, codes_t.T, None, np.array([0, n_items], dtype=np.int64),
-                 None, None, None, None, np.arange(n_queries + 1, dtype=np.int64),
-                 np.zeros(n_queries, dtype=np.int64), 0, n_queries, k, values, indices)
+    scan = scan_loop(columns.shape[1])
+    scan(columns, codes_t.T, None, np.array([0, n_items], dtype=np.int64), None, None, None,
+         None, np.arange(n_queries + 1, dtype=np.int64), np.zeros(n_queries, dtype=np.int64),
+         0, n_queries, k, values, indices)
     return values, indices
 
 

@@ -392,14 +392,16 @@ def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
     tables, scores = index._residual_tables(Q)
     lists = index.inverted_lists()
     saved = []
-    original = _scan_loop.scan_queries
+    original = _scan_loop.scan_loop
 
-    def spy(*args):
-        skipped_cells, cut_items = original(*args)
-        saved.append((skipped_cells, cut_items))
-        return skipped_cells, cut_items
+    def spy(n_columns):
+        def scan(*args):
+            skipped_cells, cut_items = original(n_columns)(*args)
+            saved.append((skipped_cells, cut_items))
+            return skipped_cells, cut_items
+        return scan
 
-    monkeypatch.setattr(_scan_loop, "scan_queries", spy)
+    monkeypatch.setattr(_scan_loop, "scan_loop", spy)
     codes, bias = lists.codes, lists.item_bias.astype(np.float32)
     values = tables[:, 0, codes[:, 0]]
     for m in range(1, M):
