@@ -84,24 +84,41 @@ def cell_lower_bound(cell_score, cell_lowest, cell_largest, table_min, table_abs
 
 
 @numba.njit(nogil=True, cache=True)
+def _row_range(row):
+    """``(min, max)`` of a float32 row, exact. Four running minima and
+    maxima: one of each would wait on the previous compare at every entry
+    (a 2,048-entry table took 2.4 us per query that way)."""
+    n = row.shape[0]
+    lo0 = lo1 = lo2 = lo3 = row[0]
+    hi0 = hi1 = hi2 = hi3 = row[0]
+    j = 0
+    while j + 4 <= n:
+        t0, t1, t2, t3 = row[j], row[j + 1], row[j + 2], row[j + 3]
+        lo0, hi0 = min(lo0, t0), max(hi0, t0)
+        lo1, hi1 = min(lo1, t1), max(hi1, t1)
+        lo2, hi2 = min(lo2, t2), max(hi2, t2)
+        lo3, hi3 = min(lo3, t3), max(hi3, t3)
+        j += 4
+    while j < n:
+        lo0, hi0 = min(lo0, row[j]), max(hi0, row[j])
+        j += 1
+    return min(min(lo0, lo1), min(lo2, lo3)), max(max(hi0, hi1), max(hi2, hi3))
+
+
+@numba.njit(nogil=True, cache=True)
 def _table_stats(table, head):
     """Sum of the row minima (all rows, and rows ``head:``) and of the rows'
     largest magnitudes, float64."""
-    n_subspaces, n_codewords = table.shape
     table_min = 0.0
     rest_min = 0.0
     table_abs = 0.0
-    for m in range(n_subspaces):
-        low = np.float64(table[m, 0])
-        top = 0.0
-        for j in range(n_codewords):
-            t = np.float64(table[m, j])
-            low = min(low, t)
-            top = max(top, abs(t))
+    for m in range(table.shape[0]):
+        low, high = _row_range(table[m])
+        low, high = np.float64(low), np.float64(high)
         table_min += low
         if m >= head:
             rest_min += low
-        table_abs += top
+        table_abs += max(high, -low)
     return table_min, rest_min, table_abs
 
 
