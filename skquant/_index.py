@@ -559,11 +559,11 @@ class QuantizedIndex:
         re-sorted by (distance, index), from their code rows ``codes``
         (``n_queries * k``, in the order of ``indices.ravel()``) and their
         cells ``cells`` (n_queries, k): ``||q - (c + r)||`` in float64."""
-        centroids = self._coarse_centroids
-        recon = centroids[cells].astype(np.float64)
-        recon += self.quantizer.decode(codes).reshape(recon.shape)
-        diff = np.asarray(queries, dtype=np.float64)[:, None, :] - recon
-        sq = np.square(diff).sum(axis=-1)
+        from ._scan_loop import residual_sq_distances  # numba: imported on first use
+
+        residuals = np.ascontiguousarray(self.quantizer.decode(codes), dtype=np.float32)
+        sq = residual_sq_distances(np.ascontiguousarray(queries), self._coarse_centroids,
+                                   np.ascontiguousarray(cells), residuals)
         order = np.lexsort((indices, sq), axis=1)
         rows = np.arange(len(order))[:, None]  # (take_along_axis: 10x the overhead)
         sq, indices = sq[rows, order], indices[rows, order]
