@@ -17,6 +17,7 @@ k-means assignment per item, the costly part) are kept across ``add`` and in
 pickles.
 """
 
+import functools
 import numbers
 import threading
 
@@ -25,6 +26,7 @@ from joblib import effective_n_jobs
 from sklearn import get_config
 from sklearn.cluster import KMeans
 from sklearn.utils import check_random_state, gen_batches
+from threadpoolctl import ThreadpoolController
 
 from ._ivf import InvertedLists, assign_lists, coarse_scores, ivf_search
 from ._search import CodeLayout, _local_backend, _run_shards, aqd_search
@@ -146,6 +148,13 @@ def seed_of(random_state):
     if random_state is None or isinstance(random_state, numbers.Integral):
         return random_state
     return int(random_state.randint(np.iinfo(np.int32).max))
+
+
+@functools.cache
+def _blas_controller():
+    """A :class:`threadpoolctl.ThreadpoolController`, made once (it lists
+    the loaded libraries: about a millisecond)."""
+    return ThreadpoolController()
 
 
 class QuantizedIndex:
@@ -492,7 +501,12 @@ class QuantizedIndex:
         search = self._search_residual if self.by_residual else self._search_direct
         if len(parts) == 1:
             return search(queries, n_neighbors, n_probe)
-        results = _run_shards(search, parts, lambda part: (queries[part], n_neighbors, n_probe))
+        # Each part's BLAS calls (coarse scores, tables) in one thread: two
+        # parts' multi-threaded OpenBLAS calls at once spun against each
+        # other (a 500-query part's tables took 51 ms instead of 5).
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            results = _run_shards(search, parts,
+                                  lambda part: (queries[part], n_neighbors, n_probe))
         return (np.concatenate([d for d, _ in results]),
                 np.concatenate([i for _, i in results]))
 
