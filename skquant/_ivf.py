@@ -52,6 +52,10 @@ __all__ = [
 # float32 scores per block of rows in nearest(): 2 MiB, so that the passes
 # after the GEMM read them from cache.
 _NEAREST_BLOCK = 2**19
+# Up to this many probes a query's cells are chosen by a compiled bounded
+# heap (3 ms per 1,000 queries of 1,024 cells at 16, against 4-5 ms for
+# argpartition at any n_probe; 43 ms at 256).
+_HEAP_PROBES = 16
 def coarse_scores(X, centroids, metric="euclidean", norms=None):
     """Lower-is-better scores of every (vector, cell) pair, (n, n_lists) float64.
 
@@ -285,23 +289,33 @@ def _select_probes(scores, sizes, n_probe, k):
     """
     n_queries, n_lists = scores.shape
     n_probe = min(n_probe, n_lists)
-    best = np.argmin(scores, axis=1)
     if n_probe == 1:
-        if (sizes[best] >= k).all():  # the common case, without the general steps
-            return np.arange(n_queries + 1, dtype=np.int64), best.astype(np.int64)
+        best = np.argmin(scores, axis=1).astype(np.int64)  # (ties: the lower cell)
+        if (sizes[best] >= k).all():  # the common case, in few calls
+            return np.arange(n_queries + 1, dtype=np.int64), best
         probes = best[:, None]
+        short = np.flatnonzero(sizes[best] < k)
+    elif n_probe <= _HEAP_PROBES:
+        from ._scan_loop import best_cells  # numba: imported on first use
+
+        # Ascending by (score, cell): the best first, the others in the
+        # order that tightens the scan's bounds soonest.
+        probes = np.empty((n_queries, n_probe), dtype=np.int64)
+        short = np.flatnonzero(best_cells(np.ascontiguousarray(scores), sizes, k, probes))
     else:
+        # Many probes: numpy's selection (a heap of hundreds of cells costs
+        # more), then the best cell first, the others in any order.
+        best = np.argmin(scores, axis=1)
         if n_probe < n_lists:
             probes = np.argpartition(scores, n_probe - 1, axis=1)[:, :n_probe]
         else:
             probes = np.tile(np.arange(n_lists), (n_queries, 1))
-        # Swap each query's best cell to the front.
         rows = np.arange(n_queries)
         where = np.argmax(probes == best[:, None], axis=1)
         probes[rows, where] = probes[:, 0]
         probes[:, 0] = best
-    probes = probes.astype(np.int64, copy=False)
-    short = np.flatnonzero(sizes[probes].sum(axis=1) < k)
+        probes = probes.astype(np.int64, copy=False)
+        short = np.flatnonzero(sizes[probes].sum(axis=1) < k)
     if not short.size:
         starts = np.arange(0, probes.size + 1, probes.shape[1], dtype=np.int64)
         return starts, probes.ravel()

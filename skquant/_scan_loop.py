@@ -283,3 +283,34 @@ def residual_sq_distances(queries, centroids, cells, residuals):
                 total += diff * diff
             out[q, j] = total
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def best_cells(scores, sizes, k, probes):
+    """Each query's ``probes.shape[1]`` best cells by ``(score, index)``,
+    ascending, written into ``probes`` (n_queries, n_probe) int64; returns
+    whether they hold fewer than ``k`` items (bool per query). A bounded
+    heap per query: numpy's argpartition, then the best cell swapped to the
+    front and the cells' items counted, took five calls (14 us for one
+    query)."""
+    n_queries, n_lists = scores.shape
+    n_probe = probes.shape[1]
+    heap_v = np.empty(n_probe, np.float64)
+    heap_i = np.empty(n_probe, np.int64)
+    short = np.zeros(n_queries, np.bool_)
+    for q in range(n_queries):
+        heap_v[:] = np.inf
+        heap_i[:] = np.iinfo(np.int64).max
+        for cell in range(n_lists):
+            score = np.float64(scores[q, cell])
+            if _worse(heap_v[0], heap_i[0], score, cell):
+                heap_v[0], heap_i[0] = score, cell
+                _sift_down(heap_v, heap_i, n_probe)
+        total = 0
+        for j in range(n_probe - 1, -1, -1):
+            probes[q, j] = heap_i[0]
+            total += sizes[heap_i[0]]
+            heap_v[0], heap_i[0] = heap_v[j], heap_i[j]
+            _sift_down(heap_v, heap_i, j)
+        short[q] = total < k
+    return short

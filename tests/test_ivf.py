@@ -418,7 +418,7 @@ def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
                 float(np.float32(scores[q, c])), lowest[c], largest[c], table_min,
                 table_abs, M)
             assert bound - slack <= values[q, lists.assignments == c].min()
-    for n_probe in (3, n_lists):
+    for n_probe in (3, 18, n_lists):  # (18: past the compiled heap's range)
         probed = np.argsort(scores, axis=1, kind="stable")[:, :n_probe]
         masked = np.where(
             (lists.assignments[None, :, None] == probed[:, None, :]).any(-1), values, np.inf
@@ -490,3 +490,31 @@ def test_batches_split_between_threads(monkeypatch, by_residual):
     monkeypatch.setattr(_index, "_MIN_PART_PAIRS", 10**9)
     pq.kneighbors(X[:200], n_neighbors=5)
     assert parts == [2]
+
+
+def test_probes_are_the_best_cells_best_first():
+    # Integer scores with many ties: each query's probes are n_probe best
+    # cells, the best (lowest cell of the lowest score) first; the compiled
+    # heap (up to 16 probes) gives them by (score, cell), numpy's selection
+    # beyond it in any order after the best; short queries get more cells,
+    # by (score, cell).
+    from skquant._ivf import _HEAP_PROBES, _select_probes
+
+    rng = np.random.default_rng(6)
+    n_queries, n_lists = 40, 50
+    scores = rng.integers(0, 8, size=(n_queries, n_lists)).astype(np.float64)
+    sizes = rng.integers(0, 4, size=n_lists)
+    ranked = np.argsort(scores, axis=1, kind="stable")
+    for n_probe in (1, 2, 7, _HEAP_PROBES, _HEAP_PROBES + 1, n_lists):
+        for k in (1, 25):
+            starts, cells = _select_probes(scores, sizes, n_probe, k)
+            for q in range(n_queries):
+                got = cells[starts[q] : starts[q + 1]]
+                needed = np.searchsorted(np.cumsum(sizes[ranked[q]]), k) + 1
+                expected = ranked[q, : max(n_probe, min(needed, n_lists))]
+                assert got[0] == expected[0] and len(got) == len(expected)
+                rest = np.setdiff1d(np.arange(n_lists), got)
+                # A best set (numpy's selection breaks ties at its edge its own way).
+                assert not rest.size or scores[q, got].max() <= scores[q, rest].min()
+                if n_probe <= _HEAP_PROBES or len(got) > n_probe:
+                    np.testing.assert_array_equal(got, expected)
