@@ -279,14 +279,17 @@ def test_worker_lost_between_two_queries_changes_no_result(client, digits, by_re
     # A lost chunk is recomputed from its graph: X must be recomputable.
     pq.index(da.from_array(X_db, chunks=(CHUNKS, -1)))
     before = pq.kneighbors(X[:30], n_neighbors=6)
-    # A worker that holds chunks of the codes (under load the scheduler may
-    # have put them all on one).
-    worker = sorted(set().union(*_holders(client, pq.codes_).values()))[0]
-    # The chunks' scan objects (built by the first query) need not sit with
-    # their codes: a worker busy compiling the scan loop may have left one to
-    # the other worker.
-    scans = distributed.futures_of(pq.index_._chunks[3])
-    held_scans = set().union(*client.who_has(scans).values())
+    # A worker that alone holds chunks of the codes (under load the scheduler
+    # may have put them all on one). A chunk or a scan object (built by the
+    # first query) with a copy on the other worker is not lost: which are
+    # depends on placement (a worker busy compiling the scan loop may leave a
+    # chunk's scan object to the other one), so it is read, not assumed.
+    holders = _holders(client, pq.codes_)
+    sole = sorted(next(iter(ws)) for ws in holders.values() if len(ws) == 1)
+    worker = sole[0] if sole else sorted(set().union(*holders.values()))[0]
+    codes_lost = any(ws == {worker} for ws in holders.values())
+    scans = client.who_has(distributed.futures_of(pq.index_._chunks[3]))
+    scans_lost = any(set(ws) == {worker} for ws in scans.values())
     with distributed.get_task_stream(client) as stream:
         client.restart_workers([worker])
         after = pq.kneighbors(X[:30], n_neighbors=6)
@@ -296,12 +299,13 @@ def test_worker_lost_between_two_queries_changes_no_result(client, digits, by_re
     # (with the per-item terms of residual codes) rebuilt, as soon as the
     # worker left or by the query.
     keys = [str(task["key"]) for task in stream.data]
-    if by_residual:
+    if codes_lost and by_residual:
         assert any("_encode_cells_chunk" in k for k in keys)
-    else:
+    elif codes_lost:
         assert any("_encode_chunk" in k for k in keys)
         assert any("_assign_chunk" in k for k in keys)
-    assert any("_make_chunk" in k for k in keys) == (worker in held_scans)
+    if scans_lost:
+        assert any("_make_chunk" in k for k in keys)
     assert_array_equal(pq.codes_.compute(), pq.encode(X_db))
 
 
