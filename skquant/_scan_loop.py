@@ -67,6 +67,23 @@ def _sift_down(values, ids, size):
 
 
 @numba.njit(nogil=True, cache=True)
+def _replace_root(values, ids, v, i):
+    """Put ``(v, i)`` in place of the heap's worst entry (its root)."""
+    values[0], ids[0] = v, i
+    _sift_down(values, ids, values.shape[0])
+
+
+@numba.njit(nogil=True, cache=True)
+def _drain(values, ids, out_values, out_ids):
+    """Empty the heap into ``out_*``, ascending by ``(value, id)``: popped
+    worst first, from the end of the row."""
+    for j in range(values.shape[0] - 1, -1, -1):
+        out_values[j], out_ids[j] = values[0], ids[0]
+        values[0], ids[0] = values[j], ids[j]
+        _sift_down(values, ids, j)
+
+
+@numba.njit(nogil=True, cache=True)
 def cell_lower_bound(cell_score, cell_lowest, cell_largest, table_min, table_abs,
                      n_subspaces):
     """Residual codes: ``(bound, slack)`` for the items of one cell.
@@ -251,14 +268,9 @@ def _scan(tables, codes, order, offsets, item_bias, cell_scores, cell_lowest, ce
                 if acc <= heap_v[0]:
                     index = np.int64(i) - index_base if order is None else order[i]
                     if acc < heap_v[0] or index < heap_i[0]:
-                        heap_v[0], heap_i[0] = acc, index
-                        _sift_down(heap_v, heap_i, k)
+                        _replace_root(heap_v, heap_i, acc, index)
                         limit = _item_limit(heap_v[0], rest_min, magnitude)
-        # The heap, popped worst first, fills the row from its end.
-        for j in range(k - 1, -1, -1):
-            out_values[q, j], out_indices[q, j] = heap_v[0], heap_i[0]
-            heap_v[0], heap_i[0] = heap_v[j], heap_i[j]
-            _sift_down(heap_v, heap_i, j)
+        _drain(heap_v, heap_i, out_values[q], out_indices[q])
     return skipped_cells, cut_items
 
 
@@ -297,6 +309,7 @@ def best_cells(scores, sizes, k, probes):
     n_probe = probes.shape[1]
     heap_v = np.empty(n_probe, np.float64)
     heap_i = np.empty(n_probe, np.int64)
+    sorted_scores = np.empty(n_probe, np.float64)
     short = np.zeros(n_queries, np.bool_)
     for q in range(n_queries):
         heap_v[:] = np.inf
@@ -304,13 +317,10 @@ def best_cells(scores, sizes, k, probes):
         for cell in range(n_lists):
             score = np.float64(scores[q, cell])
             if _worse(heap_v[0], heap_i[0], score, cell):
-                heap_v[0], heap_i[0] = score, cell
-                _sift_down(heap_v, heap_i, n_probe)
+                _replace_root(heap_v, heap_i, score, cell)
+        _drain(heap_v, heap_i, sorted_scores, probes[q])
         total = 0
-        for j in range(n_probe - 1, -1, -1):
-            probes[q, j] = heap_i[0]
-            total += sizes[heap_i[0]]
-            heap_v[0], heap_i[0] = heap_v[j], heap_i[j]
-            _sift_down(heap_v, heap_i, j)
+        for j in range(n_probe):
+            total += sizes[probes[q, j]]
         short[q] = total < k
     return short
