@@ -36,6 +36,7 @@ from ._product import (
     decode_product,
     encode_product,
     euclidean_tables,
+    float64_codebooks,
     subspace_dots,
 )
 from ._product import inner_product_tables as product_inner_product_tables
@@ -145,22 +146,22 @@ class ProductCodebooks(_Codebooks):
         (``metric``, default the codebooks' own)."""
         Z = self._rotate(Z)
         if (metric or self.metric) == "euclidean":
-            return euclidean_tables(Z, self.codebooks)
-        return product_inner_product_tables(Z, self.codebooks, self._codebooks_t64())
+            return euclidean_tables(Z, self.codebooks, self._codebooks64())
+        return product_inner_product_tables(Z, self.codebooks, self._codebooks64())
 
-    def _codebooks_t64(self):
-        """The codebooks as float64 (M, ds, K), C-contiguous: cached, as
-        converting them costs more than one query's tables (not pickled)."""
-        cached = self.__dict__.get("_t64")
+    def _codebooks64(self):
+        """:func:`~skquant._product.float64_codebooks` of the codebooks,
+        cached: converting them costs more than one query's tables (not
+        pickled)."""
+        cached = self.__dict__.get("_c64")
         if cached is None or cached[0] is not self.codebooks:
-            t64 = np.asarray(self.codebooks, dtype=np.float64).transpose(0, 2, 1)
-            cached = (self.codebooks, np.ascontiguousarray(t64))
-            self._t64 = cached
+            cached = (self.codebooks, float64_codebooks(self.codebooks))
+            self._c64 = cached
         return cached[1]
 
     def __getstate__(self):
         state = dict(vars(self))
-        state.pop("_t64", None)  # derived: rebuilt on use
+        state.pop("_c64", None)  # derived: rebuilt on use
         return state
 
     def residual_terms(self, centroids):
@@ -173,7 +174,7 @@ class ProductCodebooks(_Codebooks):
         rotation, if any): faiss's "precomputed tables" of ``IndexIVFPQ``.
         """
         c = self._rotate(np.asarray(centroids, dtype=np.float64))
-        _, cb, terms = subspace_dots(c, self.codebooks)  # (M, L, K), float64
+        _, cb, terms = subspace_dots(c, self.codebooks, self._codebooks64())  # (M, L, K) float64
         terms *= 2.0
         terms += np.einsum("mkd,mkd->mk", cb, cb)[:, None, :]
         return np.ascontiguousarray(terms.transpose(1, 0, 2))

@@ -28,6 +28,7 @@ __all__ = [
     "decode_product",
     "encode_product",
     "euclidean_tables",
+    "float64_codebooks",
     "fit_opq",
     "fit_subspace_codebooks",
     "inner_product_tables",
@@ -191,29 +192,34 @@ def fit_opq(Z, n_subspaces, n_codewords, *, n_iter=10, max_iter=100, random_stat
     return rotation.astype(np.float32), codebooks
 
 
-def subspace_dots(queries, codebooks, codebooks_t=None):
+def subspace_dots(queries, codebooks, codebooks64=None):
     """float64 ``<q_m, c_mk>`` of every row block with every codeword.
 
     Returns the query blocks ``q`` (M, n, ds), the codebooks ``c`` (M, K, ds),
     both float64, and the products (M, n, K). The operands are contiguous
     stacks, so that matmul runs one BLAS gemm per sub-space (on strided
     operands it falls back to a loop, 2-10x slower for batches).
-    ``codebooks_t``: the codebooks as float64 (M, ds, K) C-contiguous, when
-    the caller keeps them (converting them costs more than one query's
-    products).
+    ``codebooks64``: ``(c, c_t)``, the codebooks as float64 (M, K, ds) and
+    transposed (M, ds, K), both C-contiguous, when the caller keeps them
+    (converting them costs more than one query's products).
     """
     n_subspaces, _, subspace_dim = codebooks.shape
     q = np.asarray(queries, dtype=np.float64).reshape(-1, n_subspaces, subspace_dim)
     q = np.ascontiguousarray(q.transpose(1, 0, 2))
-    if codebooks_t is None:
-        c = np.asarray(codebooks, dtype=np.float64)
-        codebooks_t = np.ascontiguousarray(c.transpose(0, 2, 1))
-    else:
-        c = codebooks_t.transpose(0, 2, 1)
-    return q, c, np.matmul(q, codebooks_t)
+    if codebooks64 is None:
+        codebooks64 = float64_codebooks(codebooks)
+    c, c_t = codebooks64
+    return q, c, np.matmul(q, c_t)
 
 
-def euclidean_tables(queries, codebooks):
+def float64_codebooks(codebooks):
+    """``(c, c_t)``: the codebooks as float64 (M, K, ds) and transposed
+    (M, ds, K), both C-contiguous: the operands of :func:`subspace_dots`."""
+    c = np.asarray(codebooks, dtype=np.float64)
+    return c, np.ascontiguousarray(c.transpose(0, 2, 1))
+
+
+def euclidean_tables(queries, codebooks, codebooks64=None):
     """Squared Euclidean lookup tables for product (block) codebooks.
 
     Parameters
@@ -222,6 +228,8 @@ def euclidean_tables(queries, codebooks):
         Query vectors in the (possibly rotated) quantization space.
     codebooks : ndarray of shape (n_subspaces, n_codewords, subspace_dim)
         One codebook per contiguous sub-space.
+    codebooks64 : tuple of ndarray, default=None
+        :func:`float64_codebooks` of ``codebooks``, when already at hand.
 
     Returns
     -------
@@ -230,7 +238,7 @@ def euclidean_tables(queries, codebooks):
     """
     # float64 for the expansion ||q||^2 - 2 q.c + ||c||^2, which cancels badly in
     # float32 when q is close to a codeword; the tables are cast down afterwards.
-    q, c, tables = subspace_dots(queries, codebooks)  # (M, n, K)
+    q, c, tables = subspace_dots(queries, codebooks, codebooks64)  # (M, n, K)
     tables *= -2.0
     tables += np.einsum("mnd,mnd->mn", q, q)[:, :, None]
     tables += np.einsum("mkd,mkd->mk", c, c)[:, None, :]
@@ -238,7 +246,7 @@ def euclidean_tables(queries, codebooks):
     return np.ascontiguousarray(tables.transpose(1, 0, 2), dtype=np.float32)
 
 
-def inner_product_tables(queries, codebooks, codebooks_t=None):
+def inner_product_tables(queries, codebooks, codebooks64=None):
     """Negated inner-product lookup tables for product (block) codebooks.
 
     Parameters
@@ -247,9 +255,8 @@ def inner_product_tables(queries, codebooks, codebooks_t=None):
         Query vectors in the (possibly rotated) quantization space.
     codebooks : ndarray of shape (n_subspaces, n_codewords, subspace_dim)
         One codebook per contiguous sub-space.
-    codebooks_t : ndarray of shape (n_subspaces, subspace_dim, n_codewords), default=None
-        The same codebooks as float64, C-contiguous, when already at hand
-        (see :func:`subspace_dots`).
+    codebooks64 : tuple of ndarray, default=None
+        :func:`float64_codebooks` of ``codebooks``, when already at hand.
 
     Returns
     -------
@@ -259,6 +266,6 @@ def inner_product_tables(queries, codebooks, codebooks_t=None):
     """
     # float64, rounded once at the end: a float32 GEMM rounds a query's row
     # differently depending on the other rows of the batch and on the CPU.
-    _, _, tables = subspace_dots(queries, codebooks, codebooks_t)  # (M, n, K)
+    _, _, tables = subspace_dots(queries, codebooks, codebooks64)  # (M, n, K)
     np.negative(tables, out=tables)
     return np.ascontiguousarray(tables.transpose(1, 0, 2), dtype=np.float32)
