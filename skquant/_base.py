@@ -727,8 +727,6 @@ class BaseQuantizer(
 
         n_probe = self._n_probe()
         index, quantizer = self.index_, self.quantizer_
-        neigh_dist = np.empty((n_queries, n_neighbors), dtype=np.float64)
-        neigh_ind = np.empty((n_queries, n_neighbors), dtype=np.intp)
         n_chunks = 1
         if n_queries > 1:  # (one query is one chunk: spare its microseconds)
             # A chunk of queries holds its lookup tables three times over (the
@@ -744,18 +742,27 @@ class BaseQuantizer(
             # single-query kernel, whose pair-code cache is extra memory the
             # batch kernel avoids.
             n_chunks = -(-n_queries // rows_per_chunk(row_bytes))
-        # (gen_even_slices's parameter validation costs ~50 us a call.)
-        bounds = [n_queries * i // n_chunks for i in range(n_chunks + 1)]
-        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-            batch = slice(start, stop)
-            if query_is_train:
-                # (A dask index fetches the batch's codes and cells.)
-                Z = index.reconstruct(batch)
-            else:
-                Z = self._embed(X[batch])
-            neigh_dist[batch], neigh_ind[batch] = index.search(
+        if n_chunks == 1:
+            # (The search's arrays are the results: no copy.)
+            Z = index.reconstruct(slice(0, n_queries)) if query_is_train else self._embed(X)
+            neigh_dist, neigh_ind = index.search(
                 Z, n_neighbors, n_probe=n_probe, n_jobs=self.n_jobs
             )
+        else:
+            neigh_dist = np.empty((n_queries, n_neighbors), dtype=np.float64)
+            neigh_ind = np.empty((n_queries, n_neighbors), dtype=np.intp)
+            # (gen_even_slices's parameter validation costs ~50 us a call.)
+            bounds = [n_queries * i // n_chunks for i in range(n_chunks + 1)]
+            for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+                batch = slice(start, stop)
+                if query_is_train:
+                    # (A dask index fetches the batch's codes and cells.)
+                    Z = index.reconstruct(batch)
+                else:
+                    Z = self._embed(X[batch])
+                neigh_dist[batch], neigh_ind[batch] = index.search(
+                    Z, n_neighbors, n_probe=n_probe, n_jobs=self.n_jobs
+                )
 
         if query_is_train:
             # Remove each item from its own list by index (not by distance: the

@@ -47,7 +47,7 @@ import uuid
 import numpy as np
 
 from ._index import QuantizedIndex, item_bias
-from ._ivf import InvertedLists, coarse_scores, ivf_search
+from ._ivf import InvertedLists, ivf_search
 from ._search import CodeLayout, _refine, aqd_search
 
 __all__ = ["DaskIndex", "is_dask_array", "map_rows", "check_dask_rows"]
@@ -509,8 +509,7 @@ class DaskIndex(QuantizedIndex):
             if n_probe is not None and n_probe >= self.n_lists:
                 n_probe = None  # the exhaustive scan
             if n_probe is not None:
-                scores = coarse_scores(queries, self._coarse_centroids,
-                                       self.quantizer.metric)
+                scores = self._coarse().scores(queries)
         chunks, offsets, cell_sizes = self._chunk_objects()
         coarse = None
         if n_probe is not None:

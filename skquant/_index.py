@@ -28,7 +28,15 @@ from sklearn.cluster import KMeans
 from sklearn.utils import check_random_state, gen_batches
 from threadpoolctl import ThreadpoolController
 
-from ._ivf import InvertedLists, assign_lists, coarse_scores, ivf_search
+from ._ivf import (
+    _HEAP_PROBES,
+    CoarseProbes,
+    InvertedLists,
+    assign_lists,
+    ivf_search,
+    residual_search,
+    residual_search_args,
+)
 from ._search import CodeLayout, _local_backend, _run_shards, aqd_search
 
 __all__ = ["RESIDUAL_POINTS_PER_LIST", "QuantizedIndex", "item_bias", "residuals",
@@ -200,7 +208,8 @@ class QuantizedIndex:
             raise ValueError("by_residual=True needs coarse_centroids.")
         self.quantizer = quantizer
         self.by_residual = bool(by_residual)
-        self._coarse_norms = None  # (centroids, squared norms, float64 copy), cached
+        self._coarse_probes = None  # CoarseProbes of the centroids, cached
+        self._residual_args = None  # (key, residual_search_args), cached
         self._lock = threading.Lock()
         self._coarse_centroids = coarse_centroids
         cells = self._as_cells(cells)
@@ -515,6 +524,8 @@ class QuantizedIndex:
         thread: one slice unless every part gets enough work (see
         ``_MIN_PART_*``), or under a non-local joblib backend (whose workers
         would receive the whole index)."""
+        if n_queries < 2 * _MIN_PART_QUERIES:
+            return [slice(0, n_queries)]
         pairs = n_queries * max(n_probe * self.n_items // max(self.n_lists, 1), n_neighbors)
         most = min(n_queries // _MIN_PART_QUERIES, pairs // _MIN_PART_PAIRS)
         if most < 2 or not _local_backend():
@@ -525,12 +536,25 @@ class QuantizedIndex:
         bounds = np.linspace(0, n_queries, n_parts + 1).astype(int)
         return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
+    def _coarse(self):
+        """The :class:`~skquant._ivf.CoarseProbes` of the current centroids
+        (residual codes: Euclidean cells; direct codes: the codebooks'
+        metric), built once: its float64 copies and norms cost more than
+        one query's coarse step."""
+        centroids = self._coarse_centroids
+        metric = "euclidean" if self.by_residual else self.quantizer.metric
+        coarse = self._coarse_probes
+        if coarse is None or coarse.centroids is not centroids or coarse.metric != metric:
+            coarse = self._coarse_probes = CoarseProbes(centroids, metric)
+        return coarse
+
     def _search_direct(self, queries, n_neighbors, n_probe):
         """Inverted-file search over direct codes, in the calling thread."""
+        queries = np.asarray(queries)
         tables = self.quantizer.lookup_tables(queries)
-        scores = coarse_scores(queries, self._coarse_centroids, self.quantizer.metric)
-        sums, indices = ivf_search(tables, scores, self.inverted_lists(), n_neighbors,
-                                   n_probe=n_probe)
+        lists = self.inverted_lists()
+        probes = self._coarse().probes(queries, lists.sizes, n_probe, n_neighbors)
+        sums, indices = ivf_search(tables, None, lists, n_neighbors, probes=probes)
         return self.quantizer.distances(sums), indices
 
     def _search_residual(self, queries, n_neighbors, n_probe):
@@ -542,40 +566,60 @@ class QuantizedIndex:
         selects on these float32 sums; the winners' distances are then
         recomputed exactly, in float64, from their reconstructions."""
         queries = np.asarray(queries)
-        tables, scores = self._residual_tables(queries)
         lists = self.inverted_lists()
+        quantizer = self.quantizer
+        if (n_probe <= _HEAP_PROBES and self.n_items < 2**31
+                and getattr(quantizer, "rotation", True) is None):
+            # The same steps, one compiled loop per query.
+            coarse = self._coarse()
+            key = (lists, coarse, quantizer.codebooks)
+            cached = self._residual_args
+            if cached is None or any(a is not b for a, b in zip(cached[0], key, strict=True)):
+                cached = self._residual_args = (key, residual_search_args(
+                    coarse, lists, quantizer.codebooks, quantizer._codebooks64()))
+            prepared = cached[1]
+            return residual_search(queries, coarse, prepared, n_neighbors, n_probe)
+        tables = self._residual_query_tables(queries)
+        probes = self._coarse().probes(queries, lists.sizes, n_probe, n_neighbors)
         _, indices = ivf_search(
-            tables, scores, lists, n_neighbors,
-            n_probe=n_probe, add_scores=True, refine=False,
+            tables, None, lists, n_neighbors, add_scores=True, refine=False, probes=probes,
         )
-        return self._residual_distances(
-            queries, indices, lists.codes[indices.ravel()], lists.assignments[indices]
-        )
+        return self._residual_distances(queries, indices)
+
+    def _residual_query_tables(self, queries):
+        """One table per query for residual codes: ``-2 <q_m, C_m[k]>``."""
+        tables = self.quantizer.lookup_tables(queries, metric="inner_product")
+        tables *= np.float32(2.0)  # (exact)
+        return tables
 
     def _residual_tables(self, queries):
         """The scan's inputs for residual codes: one table per query
-        (``-2 <q_m, C_m[k]>``) and the coarse scores."""
-        tables = self.quantizer.lookup_tables(queries, metric="inner_product")
-        tables *= np.float32(2.0)
-        centroids = self._coarse_centroids
-        if self._coarse_norms is None or self._coarse_norms[0] is not centroids:
-            # Cached with the float64 copy of the centroids: converting them
-            # costs more than a one-query GEMM.
-            self._coarse_norms = (
-                centroids, np.einsum("ld,ld->l", centroids, centroids, dtype=np.float64),
-                centroids.astype(np.float64),
-            )
-        _, norms, centroids64 = self._coarse_norms
-        return tables, coarse_scores(queries, centroids64, norms=norms)
+        (``-2 <q_m, C_m[k]>``) and the exact coarse scores of every cell."""
+        return self._residual_query_tables(queries), self._coarse().scores(queries)
 
-    def _residual_distances(self, queries, indices, codes, cells):
+    def _residual_distances(self, queries, indices, codes=None, cells=None):
         """Exact distances of the selected items ``indices`` (n_queries, k),
-        re-sorted by (distance, index), from their code rows ``codes``
-        (``n_queries * k``, in the order of ``indices.ravel()``) and their
-        cells ``cells`` (n_queries, k): ``||q - (c + r)||`` in float64."""
-        from ._scan_loop import residual_sq_distances  # numba: imported on first use
+        re-sorted by (distance, index): ``||q - (c + r)||`` in float64.
+        ``codes`` (``n_queries * k`` rows, in the order of
+        ``indices.ravel()``) and ``cells`` (n_queries, k): the candidates'
+        residual codes and cells, when not in this index (dask chunks)."""
+        from ._scan_loop import residual_neighbors, residual_sq_distances  # numba
 
-        residuals = np.ascontiguousarray(self.quantizer.decode(codes), dtype=np.float32)
+        if codes is None:
+            lists = self.inverted_lists()
+            codes, cells, rows = lists.codes, lists.assignments[indices], indices
+        else:
+            rows = np.arange(indices.size).reshape(indices.shape)
+        if getattr(self.quantizer, "rotation", True) is None:
+            # Product codebooks without rotation: decoded inside the loop.
+            distances = np.empty(indices.shape)
+            out = np.empty_like(indices)
+            residual_neighbors(np.asarray(queries), self._coarse_centroids,
+                               self.quantizer.codebooks, codes, rows, np.asarray(cells),
+                               indices, distances, out)
+            return distances, out
+        residuals = np.ascontiguousarray(self.quantizer.decode(codes[rows.ravel()]),
+                                         dtype=np.float32)
         sq = residual_sq_distances(np.ascontiguousarray(queries), self._coarse_centroids,
                                    np.ascontiguousarray(cells), residuals)
         order = np.lexsort((indices, sq), axis=1)

@@ -42,6 +42,7 @@ from sklearn.utils import gen_batches
 from ._search import _refine
 
 __all__ = [
+    "CoarseProbes",
     "InvertedLists",
     "assign_lists",
     "coarse_scores",
@@ -56,6 +57,10 @@ _NEAREST_BLOCK = 2**19
 # heap (3 ms per 1,000 queries of 1,024 cells at 16, against 4-5 ms for
 # argpartition at any n_probe; 43 ms at 256).
 _HEAP_PROBES = 16
+# From this many queries, their float32 coarse scores are one BLAS GEMM;
+# below, the compiled probe selection computes them (a one-query GEMV call
+# cost 4 us, the loop 2).
+_GEMM_QUERIES = 8
 def coarse_scores(X, centroids, metric="euclidean", norms=None):
     """Lower-is-better scores of every (vector, cell) pair, (n, n_lists) float64.
 
@@ -296,7 +301,7 @@ def _select_probes(scores, sizes, n_probe, k):
         probes = best[:, None]
         short = np.flatnonzero(sizes[best] < k)
     elif n_probe <= _HEAP_PROBES:
-        from ._scan_loop import best_cells  # numba: imported on first use
+        from ._probe_loop import best_cells  # numba: imported on first use
 
         # Ascending by (score, cell): the best first, the others in the
         # order that tightens the scan's bounds soonest.
@@ -329,8 +334,151 @@ def _select_probes(scores, sizes, n_probe, k):
     return starts, np.concatenate(lists).astype(np.int64)
 
 
+class CoarseProbes:
+    """Each query's probes: its best cells by coarse score, best first.
+
+    The coarse quantizer at search time, built once per set of centroids
+    (the index caches it). Up to ``_HEAP_PROBES`` probes, a float32 GEMM
+    scores the cells and :func:`~skquant._scan_loop.certified_probes`
+    turns its ranking into the exact one (a float64 GEMM cost twice the
+    time for a batch, and for one query the float64 copies and the
+    norms were a third of the coarse step); beyond, the float64 scores of
+    :func:`coarse_scores` and :func:`_select_probes`.
+
+    Parameters
+    ----------
+    centroids : ndarray of shape (n_lists, dim)
+        Coarse centroids (float32).
+    metric : {"euclidean", "inner_product"}, default="euclidean"
+        Squared Euclidean distance up to ``||x||^2``, or negated inner product.
+    """
+
+    def __init__(self, centroids, metric="euclidean"):
+        self.centroids = centroids
+        self.metric = metric
+        self._euclidean = metric != "inner_product"
+        c64 = np.ascontiguousarray(centroids, dtype=np.float64)
+        n_lists, dim = c64.shape
+        # Summed left to right, as the compiled exact scores sum their dot
+        # products: the norms do not depend on numpy's reduction order.
+        norms = np.zeros(n_lists)
+        for d in range(dim):
+            norms = norms + c64[:, d] * c64[:, d]
+        self._c64, self._c64_t = c64, np.ascontiguousarray(c64.T)
+        self._c_max = float(np.sqrt(norms.max())) if n_lists else 0.0
+        if self._euclidean:
+            self._norms64 = norms
+            self._weights = np.ascontiguousarray((c64 * -2.0).T, dtype=np.float32)
+            self._norms32 = norms.astype(np.float32)
+            self._n_max = float(norms.max()) if n_lists else 0.0
+        else:
+            self._norms64 = np.zeros(n_lists)
+            self._weights = np.ascontiguousarray((-c64).T, dtype=np.float32)
+            self._norms32 = None
+            self._n_max = 0.0
+
+    def scores(self, queries):
+        """Exact float64 scores of every (query, cell), (n, n_lists): see
+        :func:`coarse_scores`."""
+        return coarse_scores(queries, self._c64, self.metric,
+                             norms=self._norms64 if self._euclidean else None)
+
+    def float32_scores(self, queries):
+        """The scores in float32 by one GEMM (n, n_lists), for the compiled
+        probe selection to certify; None for fewer than ``_GEMM_QUERIES``
+        queries (the compiled loop computes them, cheaper than a BLAS call)."""
+        if len(queries) < _GEMM_QUERIES:
+            return None
+        scores32 = np.asarray(queries, dtype=np.float32) @ self._weights
+        if self._norms32 is not None:
+            scores32 += self._norms32
+        return scores32
+
+    def probes(self, queries, sizes, n_probe, k):
+        """``(starts, cells, cell_scores)``: query ``q`` scans
+        ``cells[starts[q]:starts[q + 1]]`` (int64), its ``n_probe`` best
+        cells by ``(score, cell)`` best first, extended in score order until
+        they hold ``k`` items (``sizes``: items per cell); ``cell_scores``
+        (float32) are those cells' exact scores, rounded."""
+        n_lists = self._c64.shape[0]
+        n_probe = min(n_probe, n_lists)
+        queries = np.asarray(queries)
+        n_queries = len(queries)
+        if n_probe > _HEAP_PROBES:
+            scores = self.scores(queries)
+            starts, cells = _select_probes(scores, sizes, n_probe, k)
+            owners = np.repeat(np.arange(n_queries), np.diff(starts))
+            return starts, cells, scores[owners, cells].astype(np.float32)
+        from ._probe_loop import certified_probes  # numba: imported on first use
+
+        scores32 = self.float32_scores(queries)
+        probes = np.empty((n_queries, n_probe), dtype=np.int64)
+        cell_scores = np.empty((n_queries, n_probe), dtype=np.float32)
+        short, _ = certified_probes(
+            scores32, self._weights, self._norms32, queries, self._c64, self._c64_t,
+            self._norms64, self._euclidean, self._c_max, self._n_max, sizes, k, probes,
+            cell_scores,
+        )
+        if not short.any():
+            starts = np.arange(0, probes.size + 1, n_probe, dtype=np.int64)
+            return starts, probes.ravel(), cell_scores.ravel()
+        # Rare (tiny cells or large k): rank all cells of these queries.
+        from ._probe_loop import exact_cell_scores
+
+        lists, values = list(probes), list(cell_scores)
+        exact = np.empty(n_lists)
+        for q in np.flatnonzero(short):
+            exact_cell_scores(queries[q], self._c64_t, self._norms64, self._euclidean, exact)
+            ranked = np.argsort(exact, kind="stable")
+            n_needed = np.searchsorted(np.cumsum(sizes[ranked]), k) + 1
+            lists[q] = ranked[: max(n_probe, n_needed)]
+            values[q] = exact[lists[q]].astype(np.float32)
+        starts = np.concatenate([[0], np.cumsum([len(p) for p in lists])]).astype(np.int64)
+        return (starts, np.concatenate(lists).astype(np.int64),
+                np.concatenate(values).astype(np.float32))
+
+
+def residual_search_args(coarse, ivf, codebooks, codebooks64):
+    """The compiled residual search of ``ivf`` (product codebooks
+    ``codebooks``, no rotation; ``codebooks64`` their
+    :func:`~skquant._product.float64_codebooks`) and its arguments that do
+    not change between searches, for :func:`residual_search` (the caller
+    keeps them: gathering them cost a third of a one-query search)."""
+    from ._scan_loop import residual_search_loop  # numba: imported on first use
+
+    if len(ivf.order) >= 2**31:
+        raise ValueError("The compiled residual search needs fewer than 2**31 items.")
+    codes, bias = ivf.stored
+    lowest, largest = ivf.bias_bounds
+    _, codebooks_t64, code_norms = codebooks64
+    return residual_search_loop(codebooks.shape[0]), (
+        codebooks_t64, code_norms, coarse._weights, coarse._norms32, coarse._c64,
+        coarse._c64_t, coarse._norms64, coarse._c_max, coarse._n_max, ivf.sizes, codes,
+        ivf.order, ivf.offsets, bias, lowest, largest, coarse.centroids, codebooks,
+    )
+
+
+def residual_search(queries, coarse, prepared, n_neighbors, n_probe):
+    """Residual codes: each query's whole search in one compiled loop
+    (:func:`skquant._scan_loop.residual_search_loop`), bitwise the result of
+    the steps one by one (tables, :meth:`CoarseProbes.probes`,
+    :func:`ivf_search`, exact distances) for ``n_probe <= _HEAP_PROBES``.
+    ``prepared``: :func:`residual_search_args` of the index.
+
+    Returns ``(distances, indices)`` (n_queries, n_neighbors): exact
+    Euclidean distances, ascending, ties by lower index.
+    """
+    loop, static = prepared
+    distances = np.empty((len(queries), n_neighbors))
+    indices = np.empty((len(queries), n_neighbors), dtype=np.intp)
+    n_probe = min(n_probe, len(static[9]))  # (static[9]: the cell sizes)
+    loop(queries, coarse.float32_scores(queries), n_probe, n_neighbors, *static, distances,
+         indices)
+    return distances, indices
+
+
 def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, add_scores=False,
-               refine=True, cell_sizes=None):
+               refine=True, cell_sizes=None, probes=None):
     """Non-exhaustive AQD search over the best ``n_probe`` cells of each query.
 
     Parameters
@@ -359,6 +507,9 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, add_scores=False,
         query whose probed cells hold fewer than ``n_neighbors`` items of the
         chunk gets its candidates padded with ``(inf, max intp)`` (use with
         ``refine=False``). None: ``ivf.sizes``.
+    probes : tuple, default=None
+        ``(starts, cells, cell_scores)`` of :meth:`CoarseProbes.probes`,
+        already chosen (``scores`` and ``n_probe`` are then not used).
 
     Returns
     -------
@@ -392,10 +543,16 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, add_scores=False,
         )
     if add_scores and not ivf.has_item_bias:
         raise ValueError("add_scores=True needs inverted lists with an item_bias.")
-    starts, cells = _select_probes(scores, sizes, n_probe, n_neighbors)
+    if probes is None:
+        starts, cells = _select_probes(scores, sizes, n_probe, n_neighbors)
+        cell_scores = None
+        if add_scores:
+            queries = np.repeat(np.arange(n_queries), np.diff(starts))
+            cell_scores = scores[queries, cells].astype(np.float32)
+    else:
+        starts, cells, cell_scores = probes
     codes, bias = ivf.stored
     if add_scores:
-        cell_scores = np.ascontiguousarray(scores, dtype=np.float32)
         lowest, largest = ivf.bias_bounds
     else:
         bias = cell_scores = lowest = largest = None

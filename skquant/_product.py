@@ -198,25 +198,45 @@ def subspace_dots(queries, codebooks, codebooks64=None):
     Returns the query blocks ``q`` (M, n, ds), the codebooks ``c`` (M, K, ds),
     both float64, and the products (M, n, K). The operands are contiguous
     stacks, so that matmul runs one BLAS gemm per sub-space (on strided
-    operands it falls back to a loop, 2-10x slower for batches).
-    ``codebooks64``: ``(c, c_t)``, the codebooks as float64 (M, K, ds) and
-    transposed (M, ds, K), both C-contiguous, when the caller keeps them
-    (converting them costs more than one query's products).
+    operands it falls back to a loop, 2-10x slower for batches). For the
+    per-cell terms of residual codes; the queries' tables are
+    :func:`euclidean_tables` and :func:`inner_product_tables`.
+    ``codebooks64``: :func:`float64_codebooks` of the codebooks, when the
+    caller keeps them (converting them costs more than one query's products).
     """
     n_subspaces, _, subspace_dim = codebooks.shape
     q = np.asarray(queries, dtype=np.float64).reshape(-1, n_subspaces, subspace_dim)
     q = np.ascontiguousarray(q.transpose(1, 0, 2))
     if codebooks64 is None:
         codebooks64 = float64_codebooks(codebooks)
-    c, c_t = codebooks64
+    c, c_t, _ = codebooks64
     return q, c, np.matmul(q, c_t)
 
 
 def float64_codebooks(codebooks):
-    """``(c, c_t)``: the codebooks as float64 (M, K, ds) and transposed
-    (M, ds, K), both C-contiguous: the operands of :func:`subspace_dots`."""
+    """``(c, c_t, norms)``: the codebooks as float64 (M, K, ds), transposed
+    (M, ds, K), both C-contiguous, and their squared norms (M, K): the
+    operands of :func:`subspace_dots` and of the compiled tables."""
+    from ._product_tables import squared_norms  # numba: imported on first use
+
     c = np.asarray(codebooks, dtype=np.float64)
-    return c, np.ascontiguousarray(c.transpose(0, 2, 1))
+    c_t = np.ascontiguousarray(c.transpose(0, 2, 1))
+    return c, c_t, squared_norms(c_t)
+
+
+def _tables(queries, codebooks, codebooks64, euclidean):
+    from ._product_tables import product_tables  # numba: imported on first use
+
+    if codebooks64 is None:
+        codebooks64 = float64_codebooks(codebooks)
+    _, c_t, norms = codebooks64
+    queries = np.asarray(queries)
+    if queries.dtype not in (np.float32, np.float64):
+        queries = queries.astype(np.float64)
+    n_subspaces, n_codewords, _ = codebooks.shape
+    tables = np.empty((len(queries), n_subspaces, n_codewords), dtype=np.float32)
+    product_tables(queries, c_t, norms, euclidean, tables)
+    return tables
 
 
 def euclidean_tables(queries, codebooks, codebooks64=None):
@@ -234,16 +254,12 @@ def euclidean_tables(queries, codebooks, codebooks64=None):
     Returns
     -------
     tables : ndarray of shape (n_queries, n_subspaces, n_codewords), float32
-        ``tables[q, m, k] = ||queries[q, m-th block] - codebooks[m, k]||^2``.
+        ``tables[q, m, k] = ||queries[q, m-th block] - codebooks[m, k]||^2``,
+        computed in float64 as ``||q||^2 - 2 q.c + ||c||^2`` (which cancels
+        badly in float32 when q is close to a codeword), each sum in one
+        order (:mod:`skquant._product_tables`), then cast down.
     """
-    # float64 for the expansion ||q||^2 - 2 q.c + ||c||^2, which cancels badly in
-    # float32 when q is close to a codeword; the tables are cast down afterwards.
-    q, c, tables = subspace_dots(queries, codebooks, codebooks64)  # (M, n, K)
-    tables *= -2.0
-    tables += np.einsum("mnd,mnd->mn", q, q)[:, :, None]
-    tables += np.einsum("mkd,mkd->mk", c, c)[:, None, :]
-    np.maximum(tables, 0.0, out=tables)
-    return np.ascontiguousarray(tables.transpose(1, 0, 2), dtype=np.float32)
+    return _tables(queries, codebooks, codebooks64, euclidean=True)
 
 
 def inner_product_tables(queries, codebooks, codebooks64=None):
@@ -262,10 +278,8 @@ def inner_product_tables(queries, codebooks, codebooks64=None):
     -------
     tables : ndarray of shape (n_queries, n_subspaces, n_codewords), float32
         ``-<query's m-th block, codebooks[m, k]>``, so that summing the tables
-        gives ``-<query, reconstruction>``.
+        gives ``-<query, reconstruction>``: float64 dot products summed in
+        one order, whatever the batch and the CPU
+        (:mod:`skquant._product_tables`), rounded once at the end.
     """
-    # float64, rounded once at the end: a float32 GEMM rounds a query's row
-    # differently depending on the other rows of the batch and on the CPU.
-    _, _, tables = subspace_dots(queries, codebooks, codebooks64)  # (M, n, K)
-    np.negative(tables, out=tables)
-    return np.ascontiguousarray(tables.transpose(1, 0, 2), dtype=np.float32)
+    return _tables(queries, codebooks, codebooks64, euclidean=False)

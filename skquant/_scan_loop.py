@@ -33,54 +33,16 @@ import functools
 import numba
 import numpy as np
 
+from ._heap import _drain, _insert, _replace_root
+from ._probe_loop import exact_cell_scores, probe_query
+from ._product_tables import product_tables
+
 # Relative rounding slack of the cell bound: (M + 3) float32 roundings
 # (2**-24 each) with a 4x margin, as the bound's derivation below says.
 _CELL_EPS = 2.0**-22
 # Slack of the item bound: 2**-16 of the terms' magnitudes, far above the
 # float32 rounding of at most a few hundred additions.
 _ITEM_EPS = 2.0**-16
-
-
-@numba.njit(nogil=True, cache=True)
-def _worse(v1, i1, v2, i2):
-    """Whether ``(v1, i1)`` ranks after ``(v2, i2)``."""
-    return v1 > v2 or (v1 == v2 and i1 > i2)
-
-
-@numba.njit(nogil=True, cache=True)
-def _sift_down(values, ids, size):
-    """Restore the max-heap order of ``values[:size]`` from its root."""
-    v, i = values[0], ids[0]
-    pos = 0
-    while True:
-        child = 2 * pos + 1
-        if child >= size:
-            break
-        if child + 1 < size and _worse(values[child + 1], ids[child + 1],
-                                       values[child], ids[child]):
-            child += 1
-        if not _worse(values[child], ids[child], v, i):
-            break
-        values[pos], ids[pos] = values[child], ids[child]
-        pos = child
-    values[pos], ids[pos] = v, i
-
-
-@numba.njit(nogil=True, cache=True)
-def _replace_root(values, ids, v, i):
-    """Put ``(v, i)`` in place of the heap's worst entry (its root)."""
-    values[0], ids[0] = v, i
-    _sift_down(values, ids, values.shape[0])
-
-
-@numba.njit(nogil=True, cache=True)
-def _drain(values, ids, out_values, out_ids):
-    """Empty the heap into ``out_*``, ascending by ``(value, id)``: popped
-    worst first, from the end of the row."""
-    for j in range(values.shape[0] - 1, -1, -1):
-        out_values[j], out_ids[j] = values[0], ids[0]
-        values[0], ids[0] = values[j], ids[j]
-        _sift_down(values, ids, j)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -162,20 +124,20 @@ def scan_loop(n_columns):
     head = max(1, (n_columns + 3) // 4)
 
     @numba.njit(nogil=True, cache=True)
-    def scan_queries(tables, codes, order, offsets, item_bias, cell_scores, cell_lowest,
+    def scan_queries(tables, codes, order, offsets, item_bias, probe_scores, cell_lowest,
                      cell_largest, probe_starts, probe_cells, first, stop, k, out_values,
                      out_indices):
-        return _scan(tables, codes, order, offsets, item_bias, cell_scores, cell_lowest,
+        return _scan(tables, codes, order, offsets, item_bias, probe_scores, cell_lowest,
                      cell_largest, probe_starts, probe_cells, first, stop, k, out_values,
-                     out_indices, n_columns, head)
+                     out_indices, n_columns, head, False)
 
     return scan_queries
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _scan(tables, codes, order, offsets, item_bias, cell_scores, cell_lowest, cell_largest,
+def _scan(tables, codes, order, offsets, item_bias, probe_scores, cell_lowest, cell_largest,
           probe_starts, probe_cells, first, stop, k, out_values, out_indices, n_columns,
-          head):
+          head, with_positions):
     """Scan queries ``first:stop`` over their probed cells (the body of
     :func:`scan_loop`'s function, inlined there with its constant
     ``n_columns`` and ``head``, the terms summed before the item bound).
@@ -196,8 +158,9 @@ def _scan(tables, codes, order, offsets, item_bias, cell_scores, cell_lowest, ce
         Per-item term in stored order (residual codes); None for direct
         codes, with the next three None too. (None arguments compile a
         loop without their branches.)
-    cell_scores : float32 (n_queries, n_lists) or None
-        Coarse scores added to the values of residual codes.
+    probe_scores : float32 (n_probes,) or None
+        Coarse score of each probed cell (``probe_cells``) for its query,
+        added to the values of residual codes.
     cell_lowest, cell_largest : float64 (n_lists,) or None
         Lowest item term and largest magnitude per cell (residual codes).
     probe_starts : int64 (n_queries + 1,), probe_cells : int64
@@ -208,6 +171,10 @@ def _scan(tables, codes, order, offsets, item_bias, cell_scores, cell_lowest, ce
     out_values : float32 (n_queries, k), out_indices : intp (n_queries, k)
         Rows ``first:stop`` are written, ascending by ``(value, index)``,
         padded with ``(inf, max intp)`` past the probed items.
+    with_positions : bool (a constant where inlined)
+        Write ``index << 32 | stored position`` (int64) instead of the index:
+        the same order (indices are distinct), and the winners' stored
+        rows without a look-up. Needs fewer than ``2**31`` items.
 
     Returns
     -------
@@ -236,7 +203,7 @@ def _scan(tables, codes, order, offsets, item_bias, cell_scores, cell_lowest, ce
             cell_term = np.float32(0.0)
             magnitude = table_abs
             if item_bias is not None:
-                cell_term = cell_scores[q, cell]
+                cell_term = probe_scores[p]
                 magnitude += cell_largest[cell] + abs(np.float64(cell_term))
                 kth = np.float64(heap_v[0])
                 if kth < np.inf:
@@ -267,6 +234,8 @@ def _scan(tables, codes, order, offsets, item_bias, cell_scores, cell_lowest, ce
                     acc += cell_term
                 if acc <= heap_v[0]:
                     index = np.int64(i) - index_base if order is None else order[i]
+                    if with_positions:
+                        index = (np.int64(index) << 32) | np.int64(i)
                     if acc < heap_v[0] or index < heap_i[0]:
                         _replace_root(heap_v, heap_i, acc, index)
                         limit = _item_limit(heap_v[0], rest_min, magnitude)
@@ -298,29 +267,132 @@ def residual_sq_distances(queries, centroids, cells, residuals):
 
 
 @numba.njit(nogil=True, cache=True)
-def best_cells(scores, sizes, k, probes):
-    """Each query's ``probes.shape[1]`` best cells by ``(score, index)``,
-    ascending, written into ``probes`` (n_queries, n_probe) int64; returns
-    whether they hold fewer than ``k`` items (bool per query). A bounded
-    heap per query: numpy's argpartition, then the best cell swapped to the
-    front and the cells' items counted, took five calls (14 us for one
-    query)."""
-    n_queries, n_lists = scores.shape
-    n_probe = probes.shape[1]
-    heap_v = np.empty(n_probe, np.float64)
-    heap_i = np.empty(n_probe, np.int64)
-    sorted_scores = np.empty(n_probe, np.float64)
-    short = np.zeros(n_queries, np.bool_)
+def residual_neighbors(queries, centroids, codebooks, codes, rows, cells, indices,
+                       out_distances, out_indices):
+    """Residual codes: the candidates' exact distances, ascending.
+
+    Candidate ``j`` of query ``q`` is item ``indices[q, j]``, with residual
+    codes ``codes[rows[q, j]]`` and cell ``cells[q, j]``
+    (``codebooks`` (M, K, ds) float32: product codebooks, no rotation).
+    Writes ``||q - (c + r)||`` (float64, the terms as
+    :func:`residual_sq_distances` sums them, on the decoded residual ``r``)
+    into ``out_distances`` and the candidates re-sorted by (distance,
+    index) into ``out_indices``. One call for what was a decode, this
+    function's sibling, a lexsort and two gathers (14 us for one query).
+    """
+    n_queries, k = indices.shape
+    n_subspaces, _, subspace_dim = codebooks.shape
+    sq = np.empty(k)
+    ids = np.empty(k, np.int64)
+    their_cells = np.empty(k, np.int64)
+    their_codes = np.empty((k, n_subspaces), np.int64)
     for q in range(n_queries):
-        heap_v[:] = np.inf
-        heap_i[:] = np.iinfo(np.int64).max
-        for cell in range(n_lists):
-            score = np.float64(scores[q, cell])
-            if _worse(heap_v[0], heap_i[0], score, cell):
-                _replace_root(heap_v, heap_i, score, cell)
-        _drain(heap_v, heap_i, sorted_scores, probes[q])
-        total = 0
-        for j in range(n_probe):
-            total += sizes[probes[q, j]]
-        short[q] = total < k
-    return short
+        # The candidates' cells and codes first, in a loop of loads only:
+        # they are scattered over the database (cache misses), and without
+        # arithmetic between them the CPU waits for all at once.
+        for j in range(k):
+            row = rows[q, j]
+            their_cells[j] = cells[q, j]
+            for m in range(n_subspaces):
+                their_codes[j, m] = codes[row, m]
+        for j in range(k):
+            centroid = centroids[their_cells[j]]
+            total = 0.0
+            for m in range(n_subspaces):
+                codeword = codebooks[m, their_codes[j, m]]
+                for t in range(subspace_dim):
+                    d = m * subspace_dim + t
+                    diff = np.float64(queries[q, d]) - (np.float64(centroid[d])
+                                                        + np.float64(codeword[t]))
+                    total += diff * diff
+            # Sorted by (distance, index) as they come: k is small.
+            _insert(sq, ids, j, total, np.int64(indices[q, j]))
+        for j in range(k):
+            out_distances[q, j] = np.sqrt(max(sq[j], 0.0))
+            out_indices[q, j] = ids[j]
+
+
+@numba.njit(nogil=True, cache=True)
+def _enough_cells(query, centroids_t64, norms64, sizes, n_probe, k):
+    """A query's cells by exact ``(score, cell)`` until they hold ``k``
+    items (at least ``n_probe``), and their scores rounded to float32."""
+    n_lists = centroids_t64.shape[1]
+    scores = np.empty(n_lists)
+    exact_cell_scores(query, centroids_t64, norms64, True, scores)
+    ranked = np.argsort(scores, kind="mergesort")  # (stable: ties to the lower cell)
+    total = 0
+    n_cells = 0
+    while n_cells < n_lists and (n_cells < n_probe or total < k):
+        total += sizes[ranked[n_cells]]
+        n_cells += 1
+    cells = ranked[:n_cells].astype(np.int64)
+    return cells, scores[cells].astype(np.float32)
+
+
+@functools.cache
+def residual_search_loop(n_columns):
+    """Residual codes' whole search of each query, compiled for tables of
+    ``n_columns`` columns (as :func:`scan_loop`): ``search_queries``.
+
+    Query by query: its table (:func:`~skquant._product_tables.product_tables`,
+    times 2), its probes (:func:`~skquant._probe_loop.probe_query`), the
+    scan of their cells and the exact distances of its ``k`` candidates
+    (:func:`residual_neighbors`): the functions the step-by-step search
+    calls, in the same order, so each result is bitwise theirs. One call
+    per part of a batch: for one query, a dozen numpy calls and their
+    arrays less, and a batch's tables and coarse scores are never stored.
+    """
+    head = max(1, (n_columns + 3) // 4)
+
+    @numba.njit(nogil=True, cache=True)
+    def search_queries(queries, scores32, n_probe, k, codebooks_t64, code_norms, weights32,
+                       norms32, centroids64, centroids_t64, norms64, c_max, n_max, sizes,
+                       stored_codes, order, offsets, bias, lowest, largest, centroids,
+                       codebooks, out_distances, out_indices):
+        n_subspaces, _, n_codewords = codebooks_t64.shape
+        table = np.empty((1, n_subspaces, n_codewords), np.float32)
+        row32 = np.empty(centroids64.shape[0], np.float32)
+        probes = np.empty(n_probe, np.int64)
+        probe_scores = np.empty(n_probe, np.float32)
+        starts = np.zeros(2, np.int64)
+        candidate_values = np.empty((1, k), np.float32)
+        candidates = np.empty((1, k), np.int64)
+        positions = np.empty((1, k), np.int64)
+        indices = np.empty((1, k), np.int64)
+        their_cells = np.empty((1, k), np.int64)
+        n_exact = 0
+        for q in range(queries.shape[0]):
+            query = queries[q : q + 1]
+            product_tables(query, codebooks_t64, code_norms, False, table)
+            for m in range(n_subspaces):
+                for c in range(n_codewords):
+                    table[0, m, c] *= np.float32(2.0)  # (exact)
+            n_exact += probe_query(
+                queries[q], None if scores32 is None else scores32[q], weights32, norms32,
+                centroids64, centroids_t64, norms64, True, c_max, n_max, probes,
+                probe_scores, row32)
+            total = 0
+            for j in range(n_probe):
+                total += sizes[probes[j]]
+            if total >= k:
+                starts[1] = n_probe
+                _scan(table, stored_codes, order, offsets, bias, probe_scores, lowest, largest,
+                      starts, probes, 0, 1, k, candidate_values, candidates, n_columns, head, True)
+            else:  # (rare: tiny cells or large k)
+                more, more_scores = _enough_cells(queries[q], centroids_t64, norms64, sizes,
+                                                  n_probe, k)
+                starts[1] = more.shape[0]
+                _scan(table, stored_codes, order, offsets, bias, more_scores, lowest, largest,
+                      starts, more, 0, 1, k, candidate_values, candidates, n_columns, head, True)
+            # The winners' stored rows and cells, from the scan's keys.
+            for j in range(k):
+                key = candidates[0, j]
+                positions[0, j] = key & 0xFFFFFFFF
+                indices[0, j] = key >> 32
+                their_cells[0, j] = np.searchsorted(offsets, positions[0, j], side="right") - 1
+            residual_neighbors(query, centroids, codebooks, stored_codes, positions,
+                               their_cells, indices, out_distances[q : q + 1],
+                               out_indices[q : q + 1])
+        return n_exact
+
+    return search_queries

@@ -104,6 +104,31 @@ def test_euclidean_tables_match_direct_computation():
     np.testing.assert_allclose(euclidean_tables(queries, codebooks), direct, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tables_sum_each_entry_in_one_order(dtype):
+    # Every entry is float64 products summed left to right, then rounded to
+    # float32: bitwise numpy's elementwise loop in that order, for one query
+    # as for its row of a batch (a BLAS sums in an order of its own, which
+    # may depend on the batch and the CPU).
+    rng = np.random.default_rng(11)
+    codebooks, _, queries, _ = _random_product_problem(rng)
+    queries = (queries * 1e3).astype(dtype)  # (far from float32-exact sums)
+    M, K, ds = codebooks.shape
+    q = queries.astype(np.float64).reshape(len(queries), M, ds)
+    c = codebooks.astype(np.float64)
+    dots, q_norms, c_norms = 0.0, 0.0, 0.0
+    for d in range(ds):
+        dots = dots + q[:, :, None, d] * c[None, :, :, d]
+        q_norms = q_norms + q[:, :, d] * q[:, :, d]
+        c_norms = c_norms + c[:, :, d] * c[:, :, d]
+    squared = np.maximum((dots * -2.0 + q_norms[:, :, None]) + c_norms[None], 0.0)
+    for tables, expected in ((euclidean_tables, squared), (product_tables, -dots)):
+        got = tables(queries, codebooks)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected.astype(np.float32))
+        np.testing.assert_array_equal(tables(queries[3:4], codebooks), got[3:4])
+
+
 def test_uint16_codes():
     rng = np.random.default_rng(5)
     tables = rng.normal(size=(4, 2, 300)).astype(np.float32)
