@@ -209,7 +209,7 @@ class QuantizedIndex:
         self.quantizer = quantizer
         self.by_residual = bool(by_residual)
         self._coarse_probes = None  # CoarseProbes of the centroids, cached
-        self._residual_args = None  # (key, residual_search_args), cached
+        self._residual_args = None  # (lists, coarse, codebooks, their arguments), cached
         self._lock = threading.Lock()
         self._coarse_centroids = coarse_centroids
         cells = self._as_cells(cells)
@@ -572,12 +572,14 @@ class QuantizedIndex:
                 and getattr(quantizer, "rotation", True) is None):
             # The same steps, one compiled loop per query.
             coarse = self._coarse()
-            key = (lists, coarse, quantizer.codebooks)
             cached = self._residual_args
-            if cached is None or any(a is not b for a, b in zip(cached[0], key, strict=True)):
-                cached = self._residual_args = (key, residual_search_args(
-                    coarse, lists, quantizer.codebooks, quantizer._codebooks64()))
-            prepared = cached[1]
+            if (cached is None or cached[0] is not lists or cached[1] is not coarse
+                    or cached[2] is not quantizer.codebooks):
+                cached = self._residual_args = (lists, coarse, quantizer.codebooks,
+                                                residual_search_args(
+                                                    coarse, lists, quantizer.codebooks,
+                                                    quantizer._codebooks64()))
+            prepared = cached[3]
             return residual_search(queries, coarse, prepared, n_neighbors, n_probe)
         tables = self._residual_query_tables(queries)
         probes = self._coarse().probes(queries, lists.sizes, n_probe, n_neighbors)
