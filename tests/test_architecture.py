@@ -14,7 +14,8 @@ import skquant
 
 PACKAGE_DIR = Path(skquant.__file__).parent
 
-KERNELS = {"skquant._search", "skquant._ivf", "skquant._scan_loop"}
+KERNELS = {"skquant._search", "skquant._ivf", "skquant._scan_loop", "skquant._probe_loop",
+           "skquant._product_tables", "skquant._heap"}
 INDEX = {"skquant._index", "skquant._dask_index"}
 CODEBOOKS = {"skquant._codebooks", "skquant._product", "skquant._additive"}
 PERSISTENCE = {"skquant._persistence", "skquant._version"}
