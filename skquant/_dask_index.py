@@ -223,14 +223,14 @@ def _scan_chunk(chunk, tables, k, offset, coarse=None):
             layout=chunk.layout, refine=False,
         )
     else:
-        scores, n_probe, cell_sizes, residual = coarse
+        probes, cell_sizes, residual = coarse
         values, indices = ivf_search(
-            tables, scores, chunk.inverted_lists(), k, n_probe=n_probe,
-            add_scores=residual, refine=False, cell_sizes=cell_sizes,
+            tables, None, chunk.inverted_lists(), k, add_scores=residual, refine=False,
+            cell_sizes=cell_sizes, probes=probes,
         )
     real = indices != _SENTINEL
     local = np.where(real, indices, 0)
-    if coarse is not None and coarse[3]:
+    if coarse is not None and coarse[2]:
         cells = np.asarray(chunk.cells)[local]
     return values, np.where(real, indices + offset, _SENTINEL), chunk.codes[local], cells
 
@@ -502,18 +502,19 @@ class DaskIndex(QuantizedIndex):
         queries = np.asarray(queries)
         # The scan's inputs, as QuantizedIndex.search prepares them.
         if self.by_residual:
-            tables, scores = self._residual_tables(queries)
+            tables = self._residual_query_tables(queries)
             n_probe = self.n_lists if n_probe is None else n_probe
         else:
             tables = np.asarray(self.quantizer.lookup_tables(queries), dtype=np.float32)
             if n_probe is not None and n_probe >= self.n_lists:
                 n_probe = None  # the exhaustive scan
-            if n_probe is not None:
-                scores = self._coarse().scores(queries)
         chunks, offsets, cell_sizes = self._chunk_objects()
         coarse = None
         if n_probe is not None:
-            coarse = _ship((scores, n_probe, cell_sizes, self.by_residual), "coarse")
+            # The probes of the whole database (its cell sizes), chosen here
+            # as the in-memory index chooses them: every chunk scans them.
+            probes = self._coarse().probes(queries, cell_sizes, n_probe, n_neighbors)
+            coarse = _ship((probes, cell_sizes, self.by_residual), "coarse")
         tables_d = _ship(tables, "tables")
         token = uuid.uuid4().hex
         parts = [

@@ -594,11 +594,6 @@ class QuantizedIndex:
         tables *= np.float32(2.0)  # (exact)
         return tables
 
-    def _residual_tables(self, queries):
-        """The scan's inputs for residual codes: one table per query
-        (``-2 <q_m, C_m[k]>``) and the exact coarse scores of every cell."""
-        return self._residual_query_tables(queries), self._coarse().scores(queries)
-
     def _residual_distances(self, queries, indices, codes=None, cells=None):
         """Exact distances of the selected items ``indices`` (n_queries, k),
         re-sorted by (distance, index): ``||q - (c + r)||`` in float64.

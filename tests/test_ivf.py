@@ -389,7 +389,7 @@ def test_cells_skipped_by_their_lower_bound_change_no_result(monkeypatch):
                           random_state=0).fit(X)
     pq.index(X)
     index = pq.index_
-    tables, scores = index._residual_tables(Q)
+    tables, scores = index._residual_query_tables(Q), index._coarse().scores(Q)
     lists = index.inverted_lists()
     saved = []
     original = _scan_loop.scan_loop
