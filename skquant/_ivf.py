@@ -357,29 +357,36 @@ class CoarseProbes:
         self.centroids = centroids
         self.metric = metric
         self._euclidean = metric != "inner_product"
-        c64 = np.ascontiguousarray(centroids, dtype=np.float64)
-        n_lists, dim = c64.shape
+        c32 = np.ascontiguousarray(centroids, dtype=np.float32)
+        n_lists, dim = c32.shape
         # Summed left to right, as the compiled exact scores sum their dot
         # products: the norms do not depend on numpy's reduction order.
         norms = np.zeros(n_lists)
         for d in range(dim):
-            norms = norms + c64[:, d] * c64[:, d]
-        self._c64, self._c64_t = c64, np.ascontiguousarray(c64.T)
+            column = c32[:, d].astype(np.float64)
+            norms = norms + column * column
+        self._c32 = c32
+        self._c64 = None  # float64 copy for scores(), made on first use
         self._c_max = float(np.sqrt(norms.max())) if n_lists else 0.0
+        # -2 c (or -c), transposed: the float32 scores' GEMM operand, and the
+        # exact scores' (scaling by -2 is exact).
+        self._weights = np.ascontiguousarray(
+            (c32 * np.float32(-2.0 if self._euclidean else -1.0)).T)
         if self._euclidean:
             self._norms64 = norms
-            self._weights = np.ascontiguousarray((c64 * -2.0).T, dtype=np.float32)
             self._norms32 = norms.astype(np.float32)
             self._n_max = float(norms.max()) if n_lists else 0.0
         else:
             self._norms64 = np.zeros(n_lists)
-            self._weights = np.ascontiguousarray((-c64).T, dtype=np.float32)
             self._norms32 = None
             self._n_max = 0.0
 
     def scores(self, queries):
-        """Exact float64 scores of every (query, cell), (n, n_lists): see
-        :func:`coarse_scores`."""
+        """Exact float64 scores of every (query, cell), (n, n_lists), by a
+        float64 GEMM: see :func:`coarse_scores` (beyond ``_HEAP_PROBES``
+        probes)."""
+        if self._c64 is None:
+            self._c64 = self._c32.astype(np.float64)
         return coarse_scores(queries, self._c64, self.metric,
                              norms=self._norms64 if self._euclidean else None)
 
@@ -400,7 +407,7 @@ class CoarseProbes:
         cells by ``(score, cell)`` best first, extended in score order until
         they hold ``k`` items (``sizes``: items per cell); ``cell_scores``
         (float32) are those cells' exact scores, rounded."""
-        n_lists = self._c64.shape[0]
+        n_lists = self._c32.shape[0]
         n_probe = min(n_probe, n_lists)
         queries = np.asarray(queries)
         n_queries = len(queries)
@@ -415,9 +422,8 @@ class CoarseProbes:
         probes = np.empty((n_queries, n_probe), dtype=np.int64)
         cell_scores = np.empty((n_queries, n_probe), dtype=np.float32)
         short, _ = certified_probes(
-            scores32, self._weights, self._norms32, queries, self._c64, self._c64_t,
-            self._norms64, self._euclidean, self._c_max, self._n_max, sizes, k, probes,
-            cell_scores,
+            scores32, self._weights, self._norms32, queries, self._c32, self._norms64,
+            self._euclidean, self._c_max, self._n_max, sizes, k, probes, cell_scores,
         )
         if not short.any():
             starts = np.arange(0, probes.size + 1, n_probe, dtype=np.int64)
@@ -428,7 +434,7 @@ class CoarseProbes:
         lists, values = list(probes), list(cell_scores)
         exact = np.empty(n_lists)
         for q in np.flatnonzero(short):
-            exact_cell_scores(queries[q], self._c64_t, self._norms64, self._euclidean, exact)
+            exact_cell_scores(queries[q], self._weights, self._norms64, self._euclidean, exact)
             ranked = np.argsort(exact, kind="stable")
             n_needed = np.searchsorted(np.cumsum(sizes[ranked]), k) + 1
             lists[q] = ranked[: max(n_probe, n_needed)]
@@ -452,9 +458,9 @@ def residual_search_args(coarse, ivf, codebooks, codebooks64):
     lowest, largest = ivf.bias_bounds
     _, codebooks_t64, code_norms = codebooks64
     return residual_search_loop(codebooks.shape[0]), (
-        codebooks_t64, code_norms, coarse._weights, coarse._norms32, coarse._c64,
-        coarse._c64_t, coarse._norms64, coarse._c_max, coarse._n_max, ivf.sizes, codes,
-        ivf.order, ivf.offsets, bias, lowest, largest, coarse.centroids, codebooks,
+        codebooks_t64, code_norms, coarse._weights, coarse._norms32, coarse._norms64,
+        coarse._c_max, coarse._n_max, ivf.sizes, codes, ivf.order, ivf.offsets, bias, lowest,
+        largest, coarse._c32, codebooks,
     )
 
 
@@ -471,7 +477,7 @@ def residual_search(queries, coarse, prepared, n_neighbors, n_probe):
     loop, static = prepared
     distances = np.empty((len(queries), n_neighbors))
     indices = np.empty((len(queries), n_neighbors), dtype=np.intp)
-    n_probe = min(n_probe, len(static[9]))  # (static[9]: the cell sizes)
+    n_probe = min(n_probe, len(static[7]))  # (static[7]: the cell sizes)
     loop(queries, coarse.float32_scores(queries), n_probe, n_neighbors, *static, distances,
          indices)
     return distances, indices

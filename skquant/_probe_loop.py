@@ -54,38 +54,38 @@ def best_cells(scores, sizes, k, probes):
 
 
 @numba.njit(nogil=True, cache=True)
-def _exact_score(query, centroids64, norms64, euclidean, cell):
+def _exact_score(query, centroids, norms64, euclidean, cell):
     """A cell's exact coarse score for one query, float64: ``||c||^2 - 2
-    <x, c>`` (``euclidean``) or ``-<x, c>``, the dot product summed left to
-    right (as :func:`exact_cell_scores`)."""
-    row = centroids64[cell]
+    <x, c>`` (``euclidean``) or ``-<x, c>``, the dot product of the query
+    and the (float32, exactly widened) centroid summed left to right."""
+    row = centroids[cell]
     dot = 0.0
     for d in range(query.shape[0]):
-        dot += np.float64(query[d]) * row[d]
+        dot += np.float64(query[d]) * np.float64(row[d])
     if euclidean:
         return norms64[cell] - 2.0 * dot
     return -dot
 
 
 @numba.njit(nogil=True, cache=True)
-def exact_cell_scores(query, centroids_t64, norms64, euclidean, out):
+def exact_cell_scores(query, weights32, norms64, euclidean, out):
     """Every cell's exact coarse score for one query into ``out`` (n_lists,)
-    float64: bitwise :func:`_exact_score` of each cell (the same products
-    summed in the same order), the loop over the cells vectorized
-    (``centroids_t64`` is the centroids transposed, (dim, n_lists))."""
-    dim, n_lists = centroids_t64.shape
+    float64, bitwise :func:`_exact_score` of each cell, the loop over the
+    cells vectorized. ``weights32`` (dim, n_lists) hold ``-2 c`` (or ``-c``)
+    transposed: products and sums scaled by a power of two round as the
+    unscaled ones (float32 inputs neither overflow nor underflow float64),
+    so ``sum x (-2 c)`` is exactly ``-2 <x, c>`` as ``_exact_score`` sums it."""
+    dim, n_lists = weights32.shape
     x = np.float64(query[0])
     for cell in range(n_lists):
-        out[cell] = 0.0 + x * centroids_t64[0, cell]
+        out[cell] = 0.0 + x * np.float64(weights32[0, cell])
     for d in range(1, dim):
         x = np.float64(query[d])
         for cell in range(n_lists):
-            out[cell] += x * centroids_t64[d, cell]
-    for cell in range(n_lists):
-        if euclidean:
-            out[cell] = norms64[cell] - 2.0 * out[cell]
-        else:
-            out[cell] = -out[cell]
+            out[cell] += x * np.float64(weights32[d, cell])
+    if euclidean:
+        for cell in range(n_lists):
+            out[cell] = norms64[cell] + out[cell]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -125,8 +125,8 @@ def _scores32(query, weights32, out):
 
 
 @numba.njit(nogil=True, cache=True)
-def probe_query(query, scores32, weights32, norms32, centroids64, centroids_t64, norms64,
-                euclidean, c_max, n_max, probes, probe_scores, row32):
+def probe_query(query, scores32, weights32, norms32, centroids, norms64, euclidean, c_max,
+                n_max, probes, probe_scores, row32):
     """One query's ``n_probe`` best cells by exact ``(score, cell)``, best
     first, into ``probes`` (n_probe,) int64, their exact scores rounded to
     float32 into ``probe_scores``; returns whether every cell's exact score
@@ -147,7 +147,7 @@ def probe_query(query, scores32, weights32, norms32, centroids64, centroids_t64,
     transposed) and ``norms32`` (None for inner products): for one query,
     cheaper than a BLAS call.
     """
-    n_lists, dim = centroids64.shape
+    n_lists, dim = centroids.shape
     n_probe = probes.shape[0]
     width = min(n_probe + 1, n_lists)
     if scores32 is None:
@@ -185,10 +185,10 @@ def probe_query(query, scores32, weights32, norms32, centroids64, centroids_t64,
     if certain:
         for j in range(n_probe):
             probes[j] = ranked_i[j]
-            exact_v[j] = _exact_score(query, centroids64, norms64, euclidean, ranked_i[j])
+            exact_v[j] = _exact_score(query, centroids, norms64, euclidean, ranked_i[j])
     else:
         all_scores = np.empty(n_lists, np.float64)
-        exact_cell_scores(query, centroids_t64, norms64, euclidean, all_scores)
+        exact_cell_scores(query, weights32, norms64, euclidean, all_scores)
         exact_v[:] = np.inf
         probes[:] = np.iinfo(np.int64).max
         for cell in range(n_lists):
@@ -203,8 +203,8 @@ def probe_query(query, scores32, weights32, norms32, centroids64, centroids_t64,
 
 
 @numba.njit(nogil=True, cache=True)
-def certified_probes(scores32, weights32, norms32, queries, centroids64, centroids_t64,
-                     norms64, euclidean, c_max, n_max, sizes, k, probes, probe_scores):
+def certified_probes(scores32, weights32, norms32, queries, centroids, norms64, euclidean,
+                     c_max, n_max, sizes, k, probes, probe_scores):
     """:func:`probe_query` for each query (``scores32`` (n_queries, n_lists)
     or None, ``probes`` and ``probe_scores`` (n_queries, n_probe)).
 
@@ -212,14 +212,13 @@ def certified_probes(scores32, weights32, norms32, queries, centroids64, centroi
     ``k`` items, and how many queries needed every exact score.
     """
     n_queries = probes.shape[0]
-    row32 = np.empty(centroids64.shape[0], np.float32)
+    row32 = np.empty(centroids.shape[0], np.float32)
     short = np.zeros(n_queries, np.bool_)
     n_exact = 0
     for q in range(n_queries):
         n_exact += probe_query(
             queries[q], None if scores32 is None else scores32[q], weights32, norms32,
-            centroids64, centroids_t64, norms64, euclidean, c_max, n_max, probes[q],
-            probe_scores[q], row32)
+            centroids, norms64, euclidean, c_max, n_max, probes[q], probe_scores[q], row32)
         total = 0
         for j in range(probes.shape[1]):
             total += sizes[probes[q, j]]

@@ -313,12 +313,12 @@ def residual_neighbors(queries, centroids, codebooks, codes, rows, cells, indice
 
 
 @numba.njit(nogil=True, cache=True)
-def _enough_cells(query, centroids_t64, norms64, sizes, n_probe, k):
+def _enough_cells(query, weights32, norms64, sizes, n_probe, k):
     """A query's cells by exact ``(score, cell)`` until they hold ``k``
     items (at least ``n_probe``), and their scores rounded to float32."""
-    n_lists = centroids_t64.shape[1]
+    n_lists = weights32.shape[1]
     scores = np.empty(n_lists)
-    exact_cell_scores(query, centroids_t64, norms64, True, scores)
+    exact_cell_scores(query, weights32, norms64, True, scores)
     ranked = np.argsort(scores, kind="mergesort")  # (stable: ties to the lower cell)
     total = 0
     n_cells = 0
@@ -346,12 +346,12 @@ def residual_search_loop(n_columns):
 
     @numba.njit(nogil=True, cache=True)
     def search_queries(queries, scores32, n_probe, k, codebooks_t64, code_norms, weights32,
-                       norms32, centroids64, centroids_t64, norms64, c_max, n_max, sizes,
+                       norms32, norms64, c_max, n_max, sizes,
                        stored_codes, order, offsets, bias, lowest, largest, centroids,
                        codebooks, out_distances, out_indices):
         n_subspaces, _, n_codewords = codebooks_t64.shape
         table = np.empty((1, n_subspaces, n_codewords), np.float32)
-        row32 = np.empty(centroids64.shape[0], np.float32)
+        row32 = np.empty(centroids.shape[0], np.float32)
         probes = np.empty(n_probe, np.int64)
         probe_scores = np.empty(n_probe, np.float32)
         starts = np.zeros(2, np.int64)
@@ -369,8 +369,7 @@ def residual_search_loop(n_columns):
                     table[0, m, c] *= np.float32(2.0)  # (exact)
             n_exact += probe_query(
                 queries[q], None if scores32 is None else scores32[q], weights32, norms32,
-                centroids64, centroids_t64, norms64, True, c_max, n_max, probes,
-                probe_scores, row32)
+                centroids, norms64, True, c_max, n_max, probes, probe_scores, row32)
             total = 0
             for j in range(n_probe):
                 total += sizes[probes[j]]
@@ -379,7 +378,7 @@ def residual_search_loop(n_columns):
                 _scan(table, stored_codes, order, offsets, bias, probe_scores, lowest, largest,
                       starts, probes, 0, 1, k, candidate_values, candidates, n_columns, head, True)
             else:  # (rare: tiny cells or large k)
-                more, more_scores = _enough_cells(queries[q], centroids_t64, norms64, sizes,
+                more, more_scores = _enough_cells(queries[q], weights32, norms64, sizes,
                                                   n_probe, k)
                 starts[1] = more.shape[0]
                 _scan(table, stored_codes, order, offsets, bias, more_scores, lowest, largest,

@@ -94,8 +94,8 @@ def test_certificate_falls_back_on_ties_only():
         probes = np.empty((len(batch), 2), dtype=np.int64)
         scores = np.empty((len(batch), 2), dtype=np.float32)
         _, n_exact[name] = certified_probes(
-            None, coarse._weights, coarse._norms32, batch, coarse._c64, coarse._c64_t,
-            coarse._norms64, True, coarse._c_max, coarse._n_max, sizes, 1, probes, scores)
+            None, coarse._weights, coarse._norms32, batch, coarse._c32, coarse._norms64, True,
+            coarse._c_max, coarse._n_max, sizes, 1, probes, scores)
     assert n_exact["ties"] > 0  # exact ties cannot be certified in float32
     assert n_exact["separated"] <= 3
 
