@@ -11,6 +11,7 @@ documented on :class:`BaseQuantizer`.
 """
 
 import inspect
+import math
 import numbers
 from numbers import Integral
 
@@ -384,7 +385,7 @@ class BaseQuantizer(
             and X.shape[0] >= 1
             and X.shape[1] == self.__dict__.get("n_features_in_")
             and "feature_names_in_" not in self.__dict__
-            and np.isfinite(X.sum())
+            and math.isfinite(X.sum())
         ):
             # The common query (a plain float array of the fitted width, all
             # finite): what validate_data would accept unchanged, checked in
@@ -696,7 +697,7 @@ class BaseQuantizer(
             n_neighbors = self.n_neighbors
         elif n_neighbors <= 0:
             raise ValueError(f"Expected n_neighbors > 0. Got {n_neighbors}")
-        elif not isinstance(n_neighbors, numbers.Integral):
+        elif type(n_neighbors) is not int and not isinstance(n_neighbors, numbers.Integral):
             raise TypeError(
                 f"n_neighbors does not take {type(n_neighbors)} value, enter "
                 "integer value"
