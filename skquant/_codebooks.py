@@ -37,7 +37,6 @@ from ._product import (
     encode_product,
     euclidean_tables,
     float64_codebooks,
-    subspace_dots,
 )
 from ._product import inner_product_tables as product_inner_product_tables
 
@@ -173,11 +172,16 @@ class ProductCodebooks(_Codebooks):
         ``T[c, m, k] = ||C_m[k]||^2 + 2 <(c R)_m, C_m[k]>`` (``R`` the
         rotation, if any): faiss's "precomputed tables" of ``IndexIVFPQ``.
         """
+        from ._product_tables import product_dots  # numba: imported on first use
+
         c = self._rotate(np.asarray(centroids, dtype=np.float64))
-        _, cb, terms = subspace_dots(c, self.codebooks, self._codebooks64())  # (M, L, K) float64
+        c_t, norms = self._codebooks64()
+        # Summed in one order (not a BLAS's): the items' terms, hence the
+        # scan's values, are the same on every CPU.
+        terms = product_dots(np.ascontiguousarray(c, dtype=np.float64), c_t)
         terms *= 2.0
-        terms += np.einsum("mkd,mkd->mk", cb, cb)[:, None, :]
-        return np.ascontiguousarray(terms.transpose(1, 0, 2))
+        terms += norms[None]
+        return terms
 
 
 class AdditiveCodebooks(_Codebooks):

@@ -456,7 +456,7 @@ def residual_search_args(coarse, ivf, codebooks, codebooks64):
         raise ValueError("The compiled residual search needs fewer than 2**31 items.")
     codes, bias = ivf.stored
     lowest, largest = ivf.bias_bounds
-    _, codebooks_t64, code_norms = codebooks64
+    codebooks_t64, code_norms = codebooks64
     return residual_search_loop(codebooks.shape[0]), (
         codebooks_t64, code_norms, coarse._weights, coarse._norms32, coarse._norms64,
         coarse._c_max, coarse._n_max, ivf.sizes, codes, ivf.order, ivf.offsets, bias, lowest,

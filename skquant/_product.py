@@ -32,7 +32,6 @@ __all__ = [
     "fit_opq",
     "fit_subspace_codebooks",
     "inner_product_tables",
-    "subspace_dots",
 ]
 
 # Rows of Z encoded at once: bounds the (rows, K) distance block per sub-space.
@@ -192,36 +191,14 @@ def fit_opq(Z, n_subspaces, n_codewords, *, n_iter=10, max_iter=100, random_stat
     return rotation.astype(np.float32), codebooks
 
 
-def subspace_dots(queries, codebooks, codebooks64=None):
-    """float64 ``<q_m, c_mk>`` of every row block with every codeword.
-
-    Returns the query blocks ``q`` (M, n, ds), the codebooks ``c`` (M, K, ds),
-    both float64, and the products (M, n, K). The operands are contiguous
-    stacks, so that matmul runs one BLAS gemm per sub-space (on strided
-    operands it falls back to a loop, 2-10x slower for batches). For the
-    per-cell terms of residual codes; the queries' tables are
-    :func:`euclidean_tables` and :func:`inner_product_tables`.
-    ``codebooks64``: :func:`float64_codebooks` of the codebooks, when the
-    caller keeps them (converting them costs more than one query's products).
-    """
-    n_subspaces, _, subspace_dim = codebooks.shape
-    q = np.asarray(queries, dtype=np.float64).reshape(-1, n_subspaces, subspace_dim)
-    q = np.ascontiguousarray(q.transpose(1, 0, 2))
-    if codebooks64 is None:
-        codebooks64 = float64_codebooks(codebooks)
-    c, c_t, _ = codebooks64
-    return q, c, np.matmul(q, c_t)
-
-
 def float64_codebooks(codebooks):
-    """``(c, c_t, norms)``: the codebooks as float64 (M, K, ds), transposed
-    (M, ds, K), both C-contiguous, and their squared norms (M, K): the
-    operands of :func:`subspace_dots` and of the compiled tables."""
+    """``(c_t, norms)``: the codebooks transposed (M, ds, K) as float64,
+    C-contiguous, and their squared norms (M, K), summed left to right: the
+    operands of the compiled tables (:mod:`skquant._product_tables`)."""
     from ._product_tables import squared_norms  # numba: imported on first use
 
-    c = np.asarray(codebooks, dtype=np.float64)
-    c_t = np.ascontiguousarray(c.transpose(0, 2, 1))
-    return c, c_t, squared_norms(c_t)
+    c_t = np.ascontiguousarray(np.asarray(codebooks, dtype=np.float64).transpose(0, 2, 1))
+    return c_t, squared_norms(c_t)
 
 
 def _tables(queries, codebooks, codebooks64, euclidean):
@@ -229,7 +206,7 @@ def _tables(queries, codebooks, codebooks64, euclidean):
 
     if codebooks64 is None:
         codebooks64 = float64_codebooks(codebooks)
-    _, c_t, norms = codebooks64
+    c_t, norms = codebooks64
     queries = np.asarray(queries)
     if queries.dtype not in (np.float32, np.float64):
         queries = queries.astype(np.float64)

@@ -24,6 +24,22 @@ import numba
 import numpy as np
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _block_dots(query, codebooks_t, m, dots):
+    """``dots[k] = <q_m, C_m[k]>`` in float64 for one query and sub-space
+    ``m``: the products summed left to right, the loop over the codewords
+    vectorized."""
+    _, subspace_dim, n_codewords = codebooks_t.shape
+    base = m * subspace_dim
+    x = np.float64(query[base])
+    for k in range(n_codewords):
+        dots[k] = 0.0 + x * codebooks_t[m, 0, k]
+    for d in range(1, subspace_dim):
+        x = np.float64(query[base + d])
+        for k in range(n_codewords):
+            dots[k] += x * codebooks_t[m, d, k]
+
+
 @numba.njit(nogil=True, cache=True)
 def product_tables(queries, codebooks_t, code_norms, euclidean, out):
     """Write the queries' lookup tables into ``out`` (n, M, K) float32.
@@ -47,18 +63,11 @@ def product_tables(queries, codebooks_t, code_norms, euclidean, out):
     dots = np.empty(n_codewords)
     for q in range(queries.shape[0]):
         for m in range(n_subspaces):
-            base = m * subspace_dim
-            x = np.float64(queries[q, base])
-            for k in range(n_codewords):
-                dots[k] = 0.0 + x * codebooks_t[m, 0, k]
-            for d in range(1, subspace_dim):
-                x = np.float64(queries[q, base + d])
-                for k in range(n_codewords):
-                    dots[k] += x * codebooks_t[m, d, k]
+            _block_dots(queries[q], codebooks_t, m, dots)
             if euclidean:
                 query_norm = 0.0
-                for d in range(subspace_dim):
-                    x = np.float64(queries[q, base + d])
+                for d in range(m * subspace_dim, (m + 1) * subspace_dim):
+                    x = np.float64(queries[q, d])
                     query_norm += x * x
                 for k in range(n_codewords):
                     value = (dots[k] * -2.0 + query_norm) + code_norms[m, k]
@@ -66,6 +75,20 @@ def product_tables(queries, codebooks_t, code_norms, euclidean, out):
             else:
                 for k in range(n_codewords):
                     out[q, m, k] = np.float32(-dots[k])
+
+
+@numba.njit(nogil=True, cache=True)
+def product_dots(rows, codebooks_t):
+    """``<x_m, C_m[k]>`` (n, M, K) float64 of rows ``x`` (float64), summed as
+    :func:`product_tables` sums them: the per-cell terms of residual codes
+    (:meth:`~skquant._codebooks.ProductCodebooks.residual_terms`) the same
+    on every CPU."""
+    n_subspaces, _, n_codewords = codebooks_t.shape
+    out = np.empty((rows.shape[0], n_subspaces, n_codewords))
+    for r in range(rows.shape[0]):
+        for m in range(n_subspaces):
+            _block_dots(rows[r], codebooks_t, m, out[r, m])
+    return out
 
 
 @numba.njit(nogil=True, cache=True)

@@ -172,3 +172,23 @@ def test_pickle_sparse_input_and_working_memory(blobs):
                               random_state=0).fit(sp.csr_matrix(X))
     np.testing.assert_array_equal(sparse.codes_, est.codes_)
     np.testing.assert_array_equal(sparse.cells_, est.cells_)
+
+
+def test_cell_terms_sum_in_one_order():
+    # T[c, m, k] = ||C_m[k]||^2 + 2 <c_m, C_m[k]>, each sum left to right in
+    # float64 (bitwise numpy's elementwise loop): the items' terms, and so
+    # the scan's values, do not depend on a BLAS's summation order.
+    from skquant._codebooks import ProductCodebooks
+
+    rng = np.random.default_rng(7)
+    codebooks = (rng.normal(size=(4, 16, 3)) * 10).astype(np.float32)
+    centroids = (rng.normal(size=(9, 12)) * 100).astype(np.float32)
+    c = centroids.astype(np.float64).reshape(9, 4, 3)
+    cb = codebooks.astype(np.float64)
+    dots, norms = 0.0, 0.0
+    for d in range(3):
+        dots = dots + c[:, :, None, d] * cb[None, :, :, d]
+        norms = norms + cb[:, :, d] * cb[:, :, d]
+    expected = dots * 2.0 + norms[None]
+    np.testing.assert_array_equal(ProductCodebooks(codebooks).residual_terms(centroids),
+                                  expected)
