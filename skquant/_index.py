@@ -539,8 +539,8 @@ class QuantizedIndex:
     def _coarse(self):
         """The :class:`~skquant._ivf.CoarseProbes` of the current centroids
         (residual codes: Euclidean cells; direct codes: the codebooks'
-        metric), built once: its float64 copies and norms cost more than
-        one query's coarse step."""
+        metric), built once: its weights and norms cost more than one
+        query's coarse step."""
         centroids = self._coarse_centroids
         metric = "euclidean" if self.by_residual else self.quantizer.metric
         coarse = self._coarse_probes

@@ -334,12 +334,19 @@ def _select_probes(scores, sizes, n_probe, k):
     return starts, np.concatenate(lists).astype(np.int64)
 
 
+def _cell_scores(scores, starts, cells):
+    """The probed cells' scores (float32), aligned with ``cells``: query
+    ``q``'s are ``scores[q, cells[starts[q]:starts[q + 1]]]``."""
+    owners = np.repeat(np.arange(len(scores)), np.diff(starts))
+    return scores[owners, cells].astype(np.float32)
+
+
 class CoarseProbes:
     """Each query's probes: its best cells by coarse score, best first.
 
     The coarse quantizer at search time, built once per set of centroids
     (the index caches it). Up to ``_HEAP_PROBES`` probes, a float32 GEMM
-    scores the cells and :func:`~skquant._scan_loop.certified_probes`
+    scores the cells and :func:`~skquant._probe_loop.certified_probes`
     turns its ranking into the exact one (a float64 GEMM cost twice the
     time for a batch, and for one query the float64 copies and the
     norms were a third of the coarse step); beyond, the float64 scores of
@@ -357,14 +364,13 @@ class CoarseProbes:
         self.centroids = centroids
         self.metric = metric
         self._euclidean = metric != "inner_product"
+        from ._product_tables import squared_norms  # numba: imported on first use
+
         c32 = np.ascontiguousarray(centroids, dtype=np.float32)
-        n_lists, dim = c32.shape
+        n_lists = c32.shape[0]
         # Summed left to right, as the compiled exact scores sum their dot
-        # products: the norms do not depend on numpy's reduction order.
-        norms = np.zeros(n_lists)
-        for d in range(dim):
-            column = c32[:, d].astype(np.float64)
-            norms = norms + column * column
+        # products (the centroids as one codebook, transposed).
+        norms = squared_norms(np.ascontiguousarray(c32.T, dtype=np.float64)[None])[0]
         self._c32 = c32
         self._c64 = None  # float64 copy for scores(), made on first use
         self._c_max = float(np.sqrt(norms.max())) if n_lists else 0.0
@@ -414,8 +420,7 @@ class CoarseProbes:
         if n_probe > _HEAP_PROBES:
             scores = self.scores(queries)
             starts, cells = _select_probes(scores, sizes, n_probe, k)
-            owners = np.repeat(np.arange(n_queries), np.diff(starts))
-            return starts, cells, scores[owners, cells].astype(np.float32)
+            return starts, cells, _cell_scores(scores, starts, cells)
         from ._probe_loop import certified_probes  # numba: imported on first use
 
         scores32 = self.float32_scores(queries)
@@ -429,16 +434,12 @@ class CoarseProbes:
             starts = np.arange(0, probes.size + 1, n_probe, dtype=np.int64)
             return starts, probes.ravel(), cell_scores.ravel()
         # Rare (tiny cells or large k): rank all cells of these queries.
-        from ._probe_loop import exact_cell_scores
+        from ._probe_loop import enough_cells
 
         lists, values = list(probes), list(cell_scores)
-        exact = np.empty(n_lists)
         for q in np.flatnonzero(short):
-            exact_cell_scores(queries[q], self._weights, self._norms64, self._euclidean, exact)
-            ranked = np.argsort(exact, kind="stable")
-            n_needed = np.searchsorted(np.cumsum(sizes[ranked]), k) + 1
-            lists[q] = ranked[: max(n_probe, n_needed)]
-            values[q] = exact[lists[q]].astype(np.float32)
+            lists[q], values[q] = enough_cells(queries[q], self._weights, self._norms64,
+                                               self._euclidean, sizes, n_probe, k)
         starts = np.concatenate([[0], np.cumsum([len(p) for p in lists])]).astype(np.int64)
         return (starts, np.concatenate(lists).astype(np.int64),
                 np.concatenate(values).astype(np.float32))
@@ -477,7 +478,7 @@ def residual_search(queries, coarse, prepared, n_neighbors, n_probe):
     loop, static = prepared
     distances = np.empty((len(queries), n_neighbors))
     indices = np.empty((len(queries), n_neighbors), dtype=np.intp)
-    n_probe = min(n_probe, len(static[7]))  # (static[7]: the cell sizes)
+    n_probe = min(n_probe, len(coarse.centroids))
     loop(queries, coarse.float32_scores(queries), n_probe, n_neighbors, *static, distances,
          indices)
     return distances, indices
@@ -551,10 +552,7 @@ def ivf_search(tables, scores, ivf, n_neighbors, *, n_probe=1, add_scores=False,
         raise ValueError("add_scores=True needs inverted lists with an item_bias.")
     if probes is None:
         starts, cells = _select_probes(scores, sizes, n_probe, n_neighbors)
-        cell_scores = None
-        if add_scores:
-            queries = np.repeat(np.arange(n_queries), np.diff(starts))
-            cell_scores = scores[queries, cells].astype(np.float32)
+        cell_scores = _cell_scores(scores, starts, cells) if add_scores else None
     else:
         starts, cells, cell_scores = probes
     codes, bias = ivf.stored

@@ -224,3 +224,22 @@ def certified_probes(scores32, weights32, norms32, queries, centroids, norms64, 
             total += sizes[probes[q, j]]
         short[q] = total < k
     return short, n_exact
+
+
+@numba.njit(nogil=True, cache=True)
+def enough_cells(query, weights32, norms64, euclidean, sizes, n_probe, k):
+    """A query's cells by exact ``(score, cell)`` until they hold ``k``
+    items (at least ``n_probe``; all cells if they hold fewer), and their
+    exact scores rounded to float32: the probes of a query whose ``n_probe``
+    best cells hold fewer than ``k`` items (rare: tiny cells or large k)."""
+    n_lists = weights32.shape[1]
+    scores = np.empty(n_lists)
+    exact_cell_scores(query, weights32, norms64, euclidean, scores)
+    ranked = np.argsort(scores, kind="mergesort")  # (stable: ties to the lower cell)
+    total = 0
+    n_cells = 0
+    while n_cells < n_lists and (n_cells < n_probe or total < k):
+        total += sizes[ranked[n_cells]]
+        n_cells += 1
+    cells = ranked[:n_cells].astype(np.int64)
+    return cells, scores[cells].astype(np.float32)

@@ -34,7 +34,7 @@ import numba
 import numpy as np
 
 from ._heap import _drain, _insert, _replace_root
-from ._probe_loop import exact_cell_scores, probe_query
+from ._probe_loop import enough_cells, probe_query
 from ._product_tables import product_tables
 
 # Relative rounding slack of the cell bound: (M + 3) float32 roundings
@@ -284,19 +284,17 @@ def residual_neighbors(queries, centroids, codebooks, codes, rows, cells, indice
     n_subspaces, _, subspace_dim = codebooks.shape
     sq = np.empty(k)
     ids = np.empty(k, np.int64)
-    their_cells = np.empty(k, np.int64)
     their_codes = np.empty((k, n_subspaces), np.int64)
     for q in range(n_queries):
-        # The candidates' cells and codes first, in a loop of loads only:
-        # they are scattered over the database (cache misses), and without
-        # arithmetic between them the CPU waits for all at once.
+        # The candidates' codes first, in a loop of loads only: they are
+        # scattered over the database (cache misses), and without arithmetic
+        # between them the CPU waits for all at once.
         for j in range(k):
             row = rows[q, j]
-            their_cells[j] = cells[q, j]
             for m in range(n_subspaces):
                 their_codes[j, m] = codes[row, m]
         for j in range(k):
-            centroid = centroids[their_cells[j]]
+            centroid = centroids[cells[q, j]]
             total = 0.0
             for m in range(n_subspaces):
                 codeword = codebooks[m, their_codes[j, m]]
@@ -310,23 +308,6 @@ def residual_neighbors(queries, centroids, codebooks, codes, rows, cells, indice
         for j in range(k):
             out_distances[q, j] = np.sqrt(max(sq[j], 0.0))
             out_indices[q, j] = ids[j]
-
-
-@numba.njit(nogil=True, cache=True)
-def _enough_cells(query, weights32, norms64, sizes, n_probe, k):
-    """A query's cells by exact ``(score, cell)`` until they hold ``k``
-    items (at least ``n_probe``), and their scores rounded to float32."""
-    n_lists = weights32.shape[1]
-    scores = np.empty(n_lists)
-    exact_cell_scores(query, weights32, norms64, True, scores)
-    ranked = np.argsort(scores, kind="mergesort")  # (stable: ties to the lower cell)
-    total = 0
-    n_cells = 0
-    while n_cells < n_lists and (n_cells < n_probe or total < k):
-        total += sizes[ranked[n_cells]]
-        n_cells += 1
-    cells = ranked[:n_cells].astype(np.int64)
-    return cells, scores[cells].astype(np.float32)
 
 
 @functools.cache
@@ -373,16 +354,13 @@ def residual_search_loop(n_columns):
             total = 0
             for j in range(n_probe):
                 total += sizes[probes[j]]
-            if total >= k:
-                starts[1] = n_probe
-                _scan(table, stored_codes, order, offsets, bias, probe_scores, lowest, largest,
-                      starts, probes, 0, 1, k, candidate_values, candidates, n_columns, head, True)
-            else:  # (rare: tiny cells or large k)
-                more, more_scores = _enough_cells(queries[q], weights32, norms64, sizes,
+            cells, cell_scores = probes, probe_scores
+            if total < k:  # (rare: tiny cells or large k)
+                cells, cell_scores = enough_cells(queries[q], weights32, norms64, True, sizes,
                                                   n_probe, k)
-                starts[1] = more.shape[0]
-                _scan(table, stored_codes, order, offsets, bias, more_scores, lowest, largest,
-                      starts, more, 0, 1, k, candidate_values, candidates, n_columns, head, True)
+            starts[1] = cells.shape[0]
+            _scan(table, stored_codes, order, offsets, bias, cell_scores, lowest, largest,
+                  starts, cells, 0, 1, k, candidate_values, candidates, n_columns, head, True)
             # The winners' stored rows and cells, from the scan's keys.
             for j in range(k):
                 key = candidates[0, j]
